@@ -1,0 +1,1 @@
+"""Experiment configs: `python -m cvc_jax.main --config=configs/<name>.py[:variant]`."""

@@ -1,0 +1,107 @@
+"""Defaults shared by every pretraining config, and the variant-string parser.
+
+A config file's `get_config(arg)` starts from `base()` and applies the variants
+named in `arg`, e.g. `--config=configs/ucf101.py:sigma=linear,runlocal`.
+"""
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+  """The paper's defaults (SPEC sections 1-5), UCF-101 pretraining."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dtype = "float32"  # compute dtype; "bfloat16" keeps float32 parameters and losses
+  c.num_epochs = 300
+  c.batch_size = 64  # global, over all devices and hosts
+  c.checkpoint_every_steps = 1000
+
+  c.input = ml_collections.ConfigDict()
+  c.input.dataset = "ucf101"
+  c.input.num_frames = 16  # T, frames per clip; two clips per video
+  c.input.crop_size = 112  # S
+  c.input.max_rate = 3.0  # r_max of the random frame rate
+  c.input.blur = True  # Gaussian blur (supplementary); the reference has none
+  c.input.diff_wrap = True  # d = v - roll(v, 1): frame 0 minus frame T-1 (reference)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.encoder = ml_collections.ConfigDict(
+      dict(arch="r2plus1d", blocks=(2, 2, 2, 2), width=64, depth=18, bottleneck=False))
+  c.model.separate_encoders = False
+  c.model.num_concepts = 50  # K per kind (K_s = K_d)
+  c.model.sigma = "identity"  # identity | linear | mlp
+  c.model.sigma_dim = 512
+  c.model.decoder_hidden = 512  # 0: linear decoder
+  c.model.proj_hidden = 512
+  c.model.proj_dim = 128
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.nce_temperature = 0.07
+  c.loss.concept_temperature = 0.1  # tau
+  c.loss.sinkhorn_eps = 0.05
+  c.loss.sinkhorn_iters = 3
+  c.loss.entropy_weight = 0.1
+  c.loss.loc_topk = 5  # K_valid: 10% of the K = 50 concepts
+  c.loss.loc_topk_strict = False  # reference: ">" against the k-th value
+  c.loss.loc_margin = 1.4
+  c.loss.loc_start_epoch = 5  # L_loc joins the total from this epoch on
+  c.loss.queue_size = 1024
+  c.loss.queue_start_epoch = 1  # the Sinkhorn uses the queue from this epoch on
+  c.loss.freeze_prototypes_epochs = 1  # prototypes get no update in epoch 0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adam"  # adam: L2 added to the gradient (torch Adam); adamw
+  c.optim.lr = 1e-3
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 1e-5
+  c.optim.decay_epochs = (200,)  # lr x decay_factor at each
+  c.optim.decay_factor = 0.1
+  return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> None:
+  """Shrinks a config to a CPU-sized model: width 8, 4 frames of 32x32."""
+  c.batch_size = 8
+  c.num_epochs = 2
+  c.input.num_frames = 4
+  c.input.crop_size = 32
+  c.model.encoder.width = 8
+  c.model.encoder.blocks = (1, 1, 1, 1)
+  c.model.num_concepts = 8
+  c.model.sigma_dim = 64  # = encoder width x 8, so identity sigma fits
+  c.model.decoder_hidden = min(c.model.decoder_hidden, 32)
+  c.model.proj_hidden = 32
+  c.model.proj_dim = 16
+  c.loss.queue_size = 32
+  c.loss.loc_topk = min(c.loss.loc_topk, 4)
+
+
+# Ablation rows of the supplementary, each a named variant: name -> (key, value).
+ABLATIONS = {
+    "sigma": lambda c, v: setattr(c.model, "sigma", v),  # identity | linear | mlp
+    "decoder": lambda c, v: setattr(
+        c.model, "decoder_hidden", {"linear": 0, "128": 128, "512": 512}[v]),
+    "topk": lambda c, v: setattr(c.loss, "loc_topk", int(v)),
+    "encoders": lambda c, v: setattr(
+        c.model, "separate_encoders", {"shared": False, "separate": True}[v]),
+}
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies a comma-separated variant string ("sigma=mlp,runlocal") and locks."""
+  for item in filter(None, (arg or "").split(",")):
+    name, _, value = item.partition("=")
+    if name == "runlocal":
+      runlocal(c)
+    elif name in ABLATIONS:
+      try:
+        ABLATIONS[name](c, value)
+      except KeyError:
+        raise ValueError(f"Config variant {item!r}: unknown value {value!r}.") from None
+    else:
+      raise ValueError(f"Unknown config variant {name!r}; known: runlocal, "
+                       f"{', '.join(sorted(ABLATIONS))}.")
+  c.lock()
+  return c

@@ -1,0 +1,161 @@
+"""The pretraining model: encoder, global projections and concept heads (SPEC 2-3).
+
+Views come in the order v1 v2 s1 s2 d1 d2 (RGB clips, static clips, frame
+differences). The model returns every intermediate a loss needs; the losses
+themselves live in `cvc_jax.losses`.
+"""
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cvc_jax.models import heads
+from cvc_jax.models import resnet3d
+
+VIEWS = ("v1", "v2", "s1", "s2", "d1", "d2")
+# The global contrast projections, named as the authors' (their "MI estimation").
+PROJECTIONS = ("fvv", "fvs", "fvd", "fsv", "fdv")
+# Prototypes, sigma heads, decoders and encoders per kind of view (v, s, d).
+PROTOTYPES = ("prototype", "prototype_s", "prototype_d")
+SIGMAS = ("fv", "fs", "fd")
+DECODERS = ("gv", "gs", "gd")
+ENCODERS = ("backbone", "backbone_s", "backbone_d")
+
+
+class CVCModel(nn.Module):
+  """Static and dynamic concepts model (SPEC section 3).
+
+  Attributes:
+    encoder: the encoder config (see `resnet3d.build_encoder`).
+    num_concepts: K, concepts per kind; codes have 2K entries, static first.
+    sigma: concept transformation: 'identity', 'linear' or 'mlp'.
+    sigma_dim: output width of sigma, the width of the concept space.
+    decoder_hidden: hidden width of the decoders g; 0 for a linear decoder.
+    proj_hidden, proj_dim: the global contrast MLPs D -> proj_hidden -> proj_dim.
+    separate_encoders: three encoders for v, s, d instead of one shared.
+    dtype: compute dtype; parameters stay float32, outputs are float32.
+  """
+  encoder: Mapping[str, Any]
+  num_concepts: int = 50
+  sigma: str = "identity"
+  sigma_dim: int = 512
+  decoder_hidden: int = 512
+  proj_hidden: int = 512
+  proj_dim: int = 128
+  separate_encoders: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, views, *, train: bool):
+    """Runs all six views.
+
+    Args:
+      views: [B, 6, T, H, W, 3] normalised clips, order v1 v2 s1 s2 d1 d2.
+      train: BatchNorm uses batch statistics (and updates its averages) if True.
+
+    Returns:
+      A dict of float32 arrays:
+        h: [B, 6, D] pooled encoder features.
+        proj: {name: [B, 2, proj_dim]} for the five global projections, each applied
+          to the two views it reads (fvv/fvs/fvd to v1 v2, fsv to s1 s2, fdv to d1 d2).
+        codes: [B, 6, 2K] cosine scores against the prototypes of each view's kind.
+        rec: {'v': [B, 2, D], 's': ..., 'd': ...} decoder outputs.
+        local: {'v': [B, 2, 2K, sigma_dim], 's': [B, 2, K, .], 'd': [B, 2, K, .]}
+          L2-normalised local concept features.
+    """
+    b = views.shape[0]
+    k = self.num_concepts
+    d = resnet3d.feature_dim(self.encoder)
+    if self.sigma == "identity" and self.sigma_dim != d:
+      raise ValueError(f"sigma='identity' needs model.sigma_dim == encoder width {d}, "
+                       f"got {self.sigma_dim}.")
+
+    # 1) Encoder. One shared encoder sees all 6B clips as one batch, so its
+    #    BatchNorm statistics mix the three kinds of view (SPEC 1).
+    clips = views.reshape((b * 6,) + views.shape[2:])
+    if self.separate_encoders:
+      per_kind = clips.reshape((b, 3, 2) + views.shape[2:])
+      outs = [resnet3d.build_encoder(self.encoder, self.dtype, name)(
+          per_kind[:, i].reshape((2 * b,) + views.shape[2:]), train=train)
+              for i, name in enumerate(ENCODERS)]
+      pooled = jnp.stack([o[0].reshape(b, 2, -1) for o in outs], 1).reshape(b, 6, -1)
+      fmap = jnp.stack([o[1].reshape((b, 2, -1, d)) for o in outs], 1)
+      fmap = fmap.reshape((b, 6, -1, d))
+    else:
+      pooled, fmap = resnet3d.build_encoder(self.encoder, self.dtype, "backbone")(
+          clips, train=train)
+      pooled = pooled.reshape(b, 6, d)
+      fmap = fmap.reshape((b, 6, -1, d))  # tokens: T'H'W' per clip
+    h = pooled.astype(jnp.float32)
+
+    # 2) Global contrast projections D -> 512 -> 128.
+    sources = {"fvv": (0, 1), "fvs": (0, 1), "fvd": (0, 1), "fsv": (2, 3), "fdv": (4, 5)}
+    proj = {}
+    for name in PROJECTIONS:
+      head = heads.mlp_head(name, hidden=self.proj_hidden, out=self.proj_dim, train=train,
+                            dtype=self.dtype, batch_norm=False)
+      proj[name] = head(pooled[:, sources[name][0]:sources[name][1] + 1])
+
+    # 3) Concept codes c = normalize(sigma(h)) C^T, prototypes C per kind of view.
+    #    sigma runs one view at a time, so an MLP sigma's BatchNorm sees B samples.
+    codes, prototypes = [], []
+    for i, (sigma_name, proto_name) in enumerate(zip(SIGMAS, PROTOTYPES)):
+      sigma = self._sigma(sigma_name, d, train)
+      proto = nn.Dense(2 * k, use_bias=False, dtype=self.dtype, name=proto_name)
+      for j in (2 * i, 2 * i + 1):
+        codes.append(proto(heads.l2_normalize(sigma(pooled[:, j]))))
+      prototypes.append(proto.variables["params"]["kernel"].T)  # [2K, sigma_dim]
+    codes = jnp.stack(codes, axis=1)
+
+    # 4) Decoders reconstruct h from the code: g_v from all 2K entries of v1 and
+    #    v2 (one BatchNorm batch of 2B), g_s from the static half of s codes, g_d
+    #    from the dynamic half of d codes.
+    code_parts = {"v": codes[:, 0:2], "s": codes[:, 2:4, :k], "d": codes[:, 4:6, k:]}
+    rec = {}
+    for kind, name in zip("vsd", DECODERS):
+      part = code_parts[kind]
+      decoder = heads.mlp_head(name, hidden=self.decoder_hidden, out=d, train=train,
+                               dtype=self.dtype, batch_norm=True)
+      rec[kind] = decoder(part.reshape(2 * b, -1)).reshape(b, 2, d).astype(jnp.float32)
+
+    # 5) Local concept aggregation, one block shared by all views. Templates: all
+    #    rows of C_v for v, the static rows of C_s for s, dynamic rows of C_d for d.
+    lit = heads.LocalConceptAggregation(self.sigma_dim, dtype=self.dtype, name="lit")
+    templates = {"v": prototypes[0], "s": prototypes[1][:k], "d": prototypes[2][k:]}
+    local = {}
+    for i, kind in enumerate("vsd"):
+      tokens = fmap[:, 2 * i:2 * i + 2].reshape((2 * b,) + fmap.shape[2:])
+      u = lit(tokens, templates[kind].astype(self.dtype))
+      local[kind] = heads.l2_normalize(u.astype(jnp.float32)).reshape(
+          (b, 2) + u.shape[1:])
+
+    return {
+        "h": h,
+        "proj": {n: p.astype(jnp.float32) for n, p in proj.items()},
+        "codes": codes.astype(jnp.float32),
+        "rec": rec,
+        "local": local,
+    }
+
+  def _sigma(self, name, d, train):
+    if self.sigma == "identity":
+      return lambda x: x
+    if self.sigma == "linear":
+      return heads.mlp_head(name, hidden=0, out=self.sigma_dim, train=train,
+                            dtype=self.dtype, batch_norm=False)
+    if self.sigma == "mlp":
+      return heads.mlp_head(name, hidden=self.sigma_dim, out=self.sigma_dim, train=train,
+                            dtype=self.dtype, batch_norm=True)
+    raise ValueError(f"model.sigma must be 'identity', 'linear' or 'mlp', got "
+                     f"{self.sigma!r}.")
+
+
+def build_model(config) -> CVCModel:
+  """The pretraining model for a full config (reads `config.model`, `config.dtype`)."""
+  m = config.model
+  return CVCModel(
+      encoder=m.encoder.to_dict() if hasattr(m.encoder, "to_dict") else dict(m.encoder),
+      num_concepts=m.num_concepts, sigma=m.sigma, sigma_dim=m.sigma_dim,
+      decoder_hidden=m.decoder_hidden, proj_hidden=m.proj_hidden, proj_dim=m.proj_dim,
+      separate_encoders=m.separate_encoders, dtype=jnp.dtype(config.get("dtype", "float32")))

@@ -1,0 +1,224 @@
+"""Pretraining: the loss of SPEC section 4 over the model's outputs, the optimiser
+of section 5, the train state with its concept queues, and the train step.
+"""
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cvc_jax import losses
+from cvc_jax.models import cvc
+
+TERMS = ("I_vv", "I_vs", "I_vd", "align_s", "align_d", "entropy_s", "entropy_d",
+         "rec_v", "rec_s", "rec_d", "loc_v", "loc_s", "loc_d")
+# Views per concept kind: static concepts align v1 v2 s1 s2, dynamic v1 v2 d1 d2.
+STATIC_VIEWS = np.array([0, 1, 2, 3])
+DYNAMIC_VIEWS = np.array([0, 1, 4, 5])
+
+
+def compute_losses(out: dict[str, Any], config, *, queue: jax.Array | None = None,
+                   epoch: int | jax.Array = 0) -> dict[str, jax.Array]:
+  """Every loss term and the total, from the outputs of `CVCModel`.
+
+  Args:
+    out: the model's output dict (codes [B, 6, 2K], ...).
+    config: the full config (reads `config.loss`, `config.model.num_concepts`).
+    queue: None or [Q, 6, 2K] detached codes of earlier batches, newest last.
+    epoch: the current epoch (a Python int or a traced scalar). The queue joins the
+      Sinkhorn from `loss.queue_start_epoch`, L_loc joins the total from
+      `loss.loc_start_epoch`; the local terms are reported either way.
+
+  Returns:
+    A dict with the 13 terms of `TERMS` and `total`, float32 scalars.
+  """
+  lc, k = config.loss, config.model.num_concepts
+  h, codes, proj = out["h"], out["codes"], out["proj"]
+  per_view = jnp.swapaxes(codes, 0, 1)  # [6, B, 2K]
+  t = {}
+
+  # 1) Global contrast, InfoNCE with detached keys (SPEC 4).
+  nce = lambda q, key: losses.info_nce(q, key, temperature=lc.nce_temperature)
+  v1, v2 = proj["fvv"][:, 0], proj["fvv"][:, 1]
+  t["I_vv"] = (nce(v1, v2) + nce(v2, v1)) / 2
+  for name, (fwd, bwd) in {"I_vs": ("fvs", "fsv"), "I_vd": ("fvd", "fdv")}.items():
+    a, b = proj[fwd], proj[bwd]  # a: v1 v2 through p_v*, b: the other kind's views
+    t[name] = (nce(a[:, 0], b[:, 1]) + nce(a[:, 1], b[:, 0]) +
+               nce(b[:, 0], a[:, 1]) + nce(b[:, 1], a[:, 0])) / 2
+
+  # 2) Concept alignment: swapped prediction of Sinkhorn targets, static concepts
+  #    over v and s views, dynamic concepts over v and d views (SPEC 4).
+  def alignment(use_queue):
+    def one(views, half):
+      c = per_view[views][..., half]
+      qu = jnp.swapaxes(queue, 0, 1)[views][..., half] if use_queue else None
+      return losses.concept_alignment(c, qu, eps=lc.sinkhorn_eps,
+                                      num_iters=lc.sinkhorn_iters,
+                                      temperature=lc.concept_temperature)
+    return one(STATIC_VIEWS, slice(0, k)), one(DYNAMIC_VIEWS, slice(k, 2 * k))
+
+  if queue is None:
+    t["align_s"], t["align_d"] = alignment(False)
+  else:
+    t["align_s"], t["align_d"] = jax.lax.cond(
+        jnp.asarray(epoch) >= lc.queue_start_epoch,
+        lambda: alignment(True), lambda: alignment(False))
+
+  # 3) Decoupling: frame differences spread over static concepts, static frames
+  #    over dynamic concepts (SPEC 4; weight in the total below).
+  tau = lc.concept_temperature
+  t["entropy_s"] = losses.negative_entropy(per_view[4:6, :, :k], temperature=tau)
+  t["entropy_d"] = losses.negative_entropy(per_view[2:4, :, k:], temperature=tau)
+
+  # 4) Fidelity: decoders reconstruct the detached encoder features (SPEC 4).
+  for kind, views in (("v", slice(0, 2)), ("s", slice(2, 4)), ("d", slice(4, 6))):
+    t[f"rec_{kind}"] = losses.reconstruction(out["rec"][kind], h[:, views])
+
+  # 5) Local concept contrast over the valid concepts of both views (SPEC 4).
+  local_codes = {"v": codes[:, 0:2], "s": codes[:, 2:4, :k], "d": codes[:, 4:6, k:]}
+  for kind in "vsd":
+    t[f"loc_{kind}"] = losses.local_concept_contrast(
+        out["local"][kind], local_codes[kind], topk=lc.loc_topk,
+        strict=lc.loc_topk_strict, margin=lc.loc_margin)
+
+  total = (t["I_vv"] + t["I_vs"] + t["I_vd"] + t["align_s"] + t["align_d"] +
+           lc.entropy_weight * (t["entropy_s"] + t["entropy_d"]) +
+           t["rec_v"] + t["rec_s"] + t["rec_d"])
+  local = t["loc_v"] + t["loc_s"] + t["loc_d"]
+  t["total"] = total + jnp.where(jnp.asarray(epoch) >= lc.loc_start_epoch, local, 0.0)
+  return t
+
+
+def loss_terms(variables, views, config, *, queue=None, epoch: int = 0) -> dict[str, float]:
+  """Every loss term for given weights and views: the parity interface.
+
+  BatchNorm runs in training mode (batch statistics); the prototypes are used as
+  given (the train step renormalises them before each step, as the reference does).
+
+  Args:
+    variables: {'params', 'batch_stats'} of `CVCModel` (e.g. from
+      `cvc_jax.convert.from_torch`); other collections, such as 'queue', are ignored.
+    views: float32 [B, 6, T, H, W, 3], order v1 v2 s1 s2 d1 d2, already augmented.
+    config: the full config (e.g. `configs/reference.py`'s).
+    queue: None or [Q, 6, 2K], newest last; used from `loss.queue_start_epoch` on.
+    epoch: the epoch the terms are evaluated at.
+
+  Returns:
+    {name: float} for the 13 terms and `total`.
+  """
+  model = cvc.build_model(config)
+  model_vars = {c: variables[c] for c in ("params", "batch_stats") if c in variables}
+
+  @jax.jit
+  def run(model_vars, views, queue):
+    out, _ = model.apply(model_vars, views, train=True, mutable=["batch_stats"])
+    return compute_losses(out, config, queue=queue, epoch=epoch)
+
+  # Parity needs true float32 matrix products on every backend (no TF32 on GPUs).
+  with jax.default_matmul_precision("float32"):
+    terms = run(model_vars, jnp.asarray(views, jnp.float32),
+                None if queue is None else jnp.asarray(queue, jnp.float32))
+  return {name: float(value) for name, value in terms.items()}
+
+
+def is_prototype(path) -> bool:
+  """True for the parameters of the concept prototypes C_v, C_s, C_d."""
+  return str(getattr(path[0], "key", path[0])) in cvc.PROTOTYPES
+
+
+def normalize_prototypes(params):
+  """L2-normalises every prototype row (a column of the Dense kernel) (SPEC 3)."""
+  def norm(path, p):
+    if not is_prototype(path):
+      return p
+    return p / jnp.maximum(jnp.linalg.norm(p, axis=0, keepdims=True), 1e-12)
+  return jax.tree_util.tree_map_with_path(norm, params)
+
+
+def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """Adam with L2 weight decay (or AdamW), the step schedule, frozen prototypes.
+
+  As in the reference (torch Adam, whose prototypes get no gradient in epoch 0),
+  the prototypes' Adam moments and bias correction only start counting once they
+  are unfrozen, and they get no weight decay while frozen.
+  """
+  oc = config.optim
+  adam = optax.scale_by_adam(b1=oc.b1, b2=oc.b2, eps=oc.eps)
+  if oc.name == "adam":  # torch Adam: decay added to the gradient before the moments
+    inner = lambda: optax.chain(optax.add_decayed_weights(oc.weight_decay), adam)
+  elif oc.name == "adamw":
+    inner = lambda: optax.chain(adam, optax.add_decayed_weights(oc.weight_decay))
+  else:
+    raise ValueError(f"optim.name must be 'adam' or 'adamw', got {oc.name!r}.")
+  frozen_steps = config.loss.freeze_prototypes_epochs * steps_per_epoch
+  grouped = optax.multi_transform(
+      {"prototypes": optax.transforms.conditionally_mask(
+          inner(), lambda step: step >= frozen_steps),
+       "rest": inner()},
+      lambda params: jax.tree_util.tree_map_with_path(
+          lambda path, _: "prototypes" if is_prototype(path) else "rest", params))
+  schedule = optax.piecewise_constant_schedule(
+      oc.lr, {int(e * steps_per_epoch): oc.decay_factor for e in oc.decay_epochs})
+  return optax.chain(grouped, optax.scale_by_learning_rate(schedule))
+
+
+def update_queue(queue: jax.Array, codes: jax.Array) -> jax.Array:
+  """Pushes a batch of detached codes [B, 6, 2K] into the FIFO [Q, 6, 2K], newest last."""
+  merged = jnp.concatenate([queue, jax.lax.stop_gradient(codes).astype(queue.dtype)], 0)
+  return merged[-queue.shape[0]:]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes; checkpointed whole."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  queue: jax.Array  # [Q, 6, 2K] concept codes of earlier batches, newest last
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  model: nn.Module = flax.struct.field(pytree_node=False)
+
+
+def create_train_state(config, rng: jax.Array, views_shape, steps_per_epoch: int) -> TrainState:
+  """Initialises the model, optimiser and a random queue (as the reference's buffer)."""
+  model = cvc.build_model(config)
+  init_rng, queue_rng = jax.random.split(rng)
+  variables = model.init(init_rng, jnp.zeros(views_shape, jnp.float32), train=False)
+  params = normalize_prototypes(variables["params"])
+  tx = make_optimizer(config, steps_per_epoch)
+  queue = jax.random.normal(
+      queue_rng, (config.loss.queue_size, 6, 2 * config.model.num_concepts))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(params), queue=queue, tx=tx, model=model)
+
+
+def train_step(state: TrainState, views: jax.Array, config, steps_per_epoch: int):
+  """One optimisation step on prepared views [B, 6, T, H, W, 3].
+
+  Returns:
+    (new state, metrics dict with every loss term, `total` and `grad_norm`).
+  """
+  epoch = state.step // steps_per_epoch
+  # Prototype rows are unit vectors at every forward pass (SPEC 3).
+  params = normalize_prototypes(state.params)
+
+  def loss_fn(params):
+    out, updates = state.model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, views, train=True,
+        mutable=["batch_stats"])
+    terms = compute_losses(out, config, queue=state.queue, epoch=epoch)
+    return terms["total"], (terms, out["codes"], updates["batch_stats"])
+
+  grads, (terms, codes, batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, params)
+  new_state = state.replace(
+      step=state.step + 1, params=optax.apply_updates(params, updates),
+      batch_stats=batch_stats, opt_state=opt_state,
+      queue=update_queue(state.queue, codes))
+  return new_state, dict(terms, grad_norm=optax.global_norm(grads))
