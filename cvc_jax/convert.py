@@ -259,14 +259,18 @@ def from_torch(state_dict: Mapping[str, Any], config) -> dict[str, Any]:
 
   Args:
     state_dict: their model's state dict, keys with or without the `module.`
-      prefix of DataParallel; the `queue` buffer is carried over.
+      prefix of DataParallel; the `queue` buffer is carried over, the encoder's
+      unused classifier `backbone.fc` is dropped.
     config: the config the model is built from (`configs/reference.py` matches
       their code); every key and shape is checked against it.
 
   Returns:
     {'params', 'batch_stats'} and, if the checkpoint has one, 'queue' [Q, 6, 2K].
   """
-  variables = torch_to_flax(state_dict)
+  # Their encoders carry an unused classifier (`backbone.fc`): nothing to load.
+  sd = {k: v for k, v in _strip_prefix(_as_numpy(state_dict), "module.").items()
+        if not re.match(r"^backbone(_s|_d)?\.fc\.", k)}
+  variables = torch_to_flax(sd)
   model = cvc.build_model(config)
   t, s = config.input.num_frames, config.input.crop_size
   expected = jax.eval_shape(lambda: model.init(

@@ -8,6 +8,7 @@ collectives, so no function here takes an axis name.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cvc_jax.models.heads import l2_normalize
@@ -33,10 +34,8 @@ def info_nce(query: jax.Array, key: jax.Array, *, temperature: float = 0.07) -> 
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
-def _replace_inf(x: jax.Array) -> jax.Array:
-  """Infinities become the largest finite entry (0 counted), as SwAV's shoot_infs."""
-  inf = jnp.isinf(x)
-  return jnp.where(inf, jnp.max(jnp.where(inf, 0.0, x)), x)
+# log of the smallest positive float32 (2**-149): below it exp() is exactly 0.
+_LOG_FLOAT32_TINY = -149.0 * float(np.log(2.0))
 
 
 def sinkhorn(scores: jax.Array, *, eps: float = 0.05, num_iters: int = 3) -> jax.Array:
@@ -44,8 +43,15 @@ def sinkhorn(scores: jax.Array, *, eps: float = 0.05, num_iters: int = 3) -> jax
 
   Q = exp(scores / eps) (max-subtracted) as concepts x samples, normalised to total
   1, then `num_iters` times: rows to 1/K each, columns to 1/N each; the columns are
-  finally normalised to 1. Infinite row scalings (a concept no sample chose
-  underflows to 0) are replaced by the largest finite one, as the reference does.
+  finally normalised to 1 (SPEC 4).
+
+  Computed in the log domain, so nothing overflows and no sample's column
+  underflows to 0/0 (XLA flushes float32 subnormals to zero, where PyTorch keeps
+  them). Entries the reference's float32 exp() rounds to exactly 0 are exactly 0
+  here too, and a concept whose whole row is 0 gets the largest row scaling of the
+  others instead of an infinite one, as the reference's `shoot_infs` does. A
+  sample whose whole column is 0 (where the reference returns NaN) gets a uniform
+  assignment.
 
   Args:
     scores: [N, K] cosine scores of N samples against K concepts.
@@ -55,14 +61,21 @@ def sinkhorn(scores: jax.Array, *, eps: float = 0.05, num_iters: int = 3) -> jax
   Returns:
     [N, K] assignments, each row summing to 1; no gradient flows through them.
   """
-  s = jax.lax.stop_gradient(scores.astype(jnp.float32)) / eps
-  q = _replace_inf(jnp.exp(s - jnp.max(s)).T)
-  q = q / jnp.sum(q)
-  num_k, num_n = q.shape
+  s = jax.lax.stop_gradient(scores.astype(jnp.float32)).T / eps  # [K, N]
+  log_q = s - jnp.max(s)
+  log_q = log_q - jax.nn.logsumexp(log_q)
+  log_q = jnp.where(log_q < _LOG_FLOAT32_TINY, -jnp.inf, log_q)
+  num_k, num_n = log_q.shape
   for _ in range(num_iters):
-    q = q * _replace_inf((1.0 / num_k) / jnp.sum(q, axis=1))[:, None]
-    q = q * ((1.0 / num_n) / jnp.sum(q, axis=0))[None, :]
-  return (q / jnp.sum(q, axis=0, keepdims=True)).T
+    log_u = -jnp.log(num_k) - jax.nn.logsumexp(log_q, axis=1)
+    dead = jnp.isinf(log_u)  # rows of zeros: their scaling is infinite
+    log_u = jnp.where(dead, jnp.max(jnp.where(dead, -jnp.inf, log_u)), log_u)
+    log_q = log_q + log_u[:, None]
+    log_v = -jnp.log(num_n) - jax.nn.logsumexp(log_q, axis=0)
+    log_q = log_q + jnp.where(jnp.isinf(log_v), 0.0, log_v)[None, :]
+  column = jax.nn.logsumexp(log_q, axis=0, keepdims=True)
+  q = jnp.where(jnp.isinf(column), 1.0 / num_k, jnp.exp(log_q - column))
+  return q.T
 
 
 def swapped_prediction(codes: jax.Array, targets: jax.Array, *,

@@ -221,4 +221,4 @@ def train_step(state: TrainState, views: jax.Array, config, steps_per_epoch: int
       step=state.step + 1, params=optax.apply_updates(params, updates),
       batch_stats=batch_stats, opt_state=opt_state,
       queue=update_queue(state.queue, codes))
-  return new_state, dict(terms, grad_norm=optax.global_norm(grads))
+  return new_state, dict(terms, grad_norm=optax.tree.norm(grads))

@@ -70,6 +70,18 @@ def test_sinkhorn_survives_underflow():
                              atol=1e-6)
 
 
+def test_sinkhorn_of_wide_scores_stays_finite():
+  # The reference's queue starts as randn: scores outside [-1, 1], so after exp
+  # many entries fall below float32's normal range (XLA flushes them to 0).
+  scores = RNG.normal(size=(1026, 50))
+  got = np.asarray(losses.sinkhorn(jnp.asarray(scores, jnp.float32)))
+  np.testing.assert_allclose(got, np_sinkhorn(scores), rtol=1e-3, atol=1e-6)
+  # Wider still, whole samples underflow (NaN in a float32 linear-domain Sinkhorn).
+  got = np.asarray(losses.sinkhorn(jnp.asarray(8.0 * scores, jnp.float32)))
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-5)
+
+
 def test_swapped_prediction_matches_loop():
   codes = RNG.normal(size=(4, 5, 6))
   targets = RNG.dirichlet(np.ones(6), size=(4, 5))

@@ -1,0 +1,132 @@
+"""The pretraining model and step: sharding, frozen prototypes, gradients, variants."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from configs import reference, ucf101
+from cvc_jax import pretrain
+from cvc_jax.models import cvc
+
+B = 8  # one video per fake device
+
+
+def _setup(config, batch=B, seed=0):
+  views = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, 6) + (
+      config.input.num_frames, config.input.crop_size, config.input.crop_size, 3))
+  variables = cvc.build_model(config).init(jax.random.PRNGKey(seed), views, train=False)
+  queue = jnp.tanh(jax.random.normal(jax.random.PRNGKey(seed + 2),
+                                     (config.loss.queue_size, 6, 2 * config.model.num_concepts)))
+  return variables, views, queue
+
+
+@pytest.mark.parametrize("config_module", [ucf101, reference])
+def test_terms_sharded_over_8_devices_equal_one_device(config_module):
+  config = config_module.get_config("runlocal")
+  variables, views, queue = _setup(config)
+  model = cvc.build_model(config)
+  epoch = config.loss.loc_start_epoch  # queue on, local loss in the total
+
+  def terms(variables, views, queue):
+    out, _ = model.apply(variables, views, train=True, mutable=["batch_stats"])
+    return pretrain.compute_losses(out, config, queue=queue, epoch=epoch)
+
+  single = jax.jit(terms)(variables, views, queue)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  assert mesh.size == 8, "tests/conftest.py should give 8 fake CPU devices"
+  replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  sharded = jax.jit(terms, in_shardings=(replicated, batch, replicated))(
+      jax.device_put(variables, replicated), jax.device_put(views, batch),
+      jax.device_put(queue, replicated))
+  for name in pretrain.TERMS + ("total",):
+    np.testing.assert_allclose(sharded[name], single[name], rtol=1e-5, atol=1e-6,
+                               err_msg=name)
+
+
+def test_prototypes_get_no_update_in_epoch_0():
+  config = ucf101.get_config("runlocal")
+  _, views, _ = _setup(config)
+  steps_per_epoch = 2
+  state = pretrain.create_train_state(config, jax.random.PRNGKey(0), views.shape,
+                                      steps_per_epoch)
+  step = jax.jit(functools.partial(pretrain.train_step, config=config,
+                                   steps_per_epoch=steps_per_epoch))
+  start = state.params
+  for _ in range(steps_per_epoch):
+    state, metrics = step(state, views)
+    assert np.isfinite(metrics["total"])
+  for name in cvc.PROTOTYPES:
+    # Equal up to the rounding of renormalising unit rows at every step.
+    np.testing.assert_allclose(state.params[name]["kernel"], start[name]["kernel"],
+                               rtol=1e-6, atol=1e-7, err_msg=f"{name} moved in epoch 0")
+  # Everything else learns from the first step.
+  assert not np.allclose(state.params["fvv_0"]["kernel"], start["fvv_0"]["kernel"])
+  state, _ = step(state, views)  # epoch 1: the prototypes join
+  for name in cvc.PROTOTYPES:
+    moved = np.abs(state.params[name]["kernel"] - start[name]["kernel"]).max()
+    assert moved > 1e-4, name
+  # The queue is a FIFO of the codes, newest last.
+  assert state.queue.shape == (config.loss.queue_size, 6, 2 * config.model.num_concepts)
+
+
+def test_prototype_gradients_follow_the_views_that_use_them():
+  """Where gradients flow (SPEC 4): entropy_s reads d views' codes, so only C_d
+  gets its gradient; rec_s reads codes of s views, so C_s and g_s, not g_v; the
+  reconstruction target h is a constant, so InfoNCE's heads see no rec gradient."""
+  config = ucf101.get_config("runlocal")
+  variables, views, _ = _setup(config, batch=4)
+  model = cvc.build_model(config)
+
+  def grads(term):
+    def f(params):
+      out, _ = model.apply({**variables, "params": params}, views, train=True,
+                           mutable=["batch_stats"])
+      return pretrain.compute_losses(out, config)[term]
+    g = jax.grad(f)(variables["params"])
+    return {k: float(sum(jnp.abs(x).sum() for x in jax.tree_util.tree_leaves(v)))
+            for k, v in g.items()}
+
+  g = grads("entropy_s")
+  assert g["prototype_d"] > 0 and g["prototype_s"] == 0 and g["prototype"] == 0
+  g = grads("rec_s")
+  assert g["gs_0"] > 0 and g["prototype_s"] > 0 and g["gv_0"] == 0 and g["fvv_0"] == 0
+  g = grads("I_vv")
+  assert g["fvv_0"] > 0 and g["backbone"] > 0 and g["fsv_0"] == 0 and g["prototype"] == 0
+  g = grads("loc_v")
+  assert g["lit"] > 0 and g["prototype"] > 0 and g["prototype_s"] == 0
+
+
+@pytest.mark.parametrize("variant", ["sigma=linear", "sigma=mlp", "decoder=linear",
+                                     "decoder=128", "encoders=separate", "topk=2"])
+def test_model_variants_give_finite_terms(variant):
+  config = ucf101.get_config(f"{variant},runlocal")
+  variables, views, queue = _setup(config, batch=4)
+  terms = pretrain.loss_terms(variables, views, config, queue=queue, epoch=6)
+  assert set(terms) == set(pretrain.TERMS) | {"total"}
+  assert all(np.isfinite(v) for v in terms.values()), terms
+  if variant == "encoders=separate":
+    assert {"backbone", "backbone_s", "backbone_d"} <= set(variables["params"])
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  config = ucf101.get_config("runlocal")
+  variables, views, queue = _setup(config, batch=4)
+  full = pretrain.loss_terms(variables, views, config, queue=queue, epoch=6)
+  with config.unlocked():
+    config.dtype = "bfloat16"
+  half_vars = cvc.build_model(config).init(jax.random.PRNGKey(0), views, train=False)
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(half_vars))
+  half = pretrain.loss_terms(variables, views, config, queue=queue, epoch=6)
+  for name in ("I_vv", "align_s", "rec_v"):
+    np.testing.assert_allclose(half[name], full[name], rtol=0.1, atol=0.05, err_msg=name)
+
+
+def test_unknown_variant_is_named():
+  with pytest.raises(ValueError, match="sigmaa"):
+    ucf101.get_config("sigmaa=mlp")
+  with pytest.raises(ValueError, match="'huge'"):
+    ucf101.get_config("decoder=huge")
