@@ -17,12 +17,28 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
 
   c.input = ml_collections.ConfigDict()
-  c.input.dataset = "ucf101"
+  c.input.dataset = "ucf101"  # a TFDS name, e.g. "ucf101/split1", "synthetic_motion"
+  c.input.data_dir = ""  # TFDS data_dir; "" = TFDS's default (~/tensorflow_datasets)
+  c.input.split = "train"
   c.input.num_frames = 16  # T, frames per clip; two clips per video
+  c.input.max_rate = 3.0  # r_max of the random frame rate (SPEC 1)
+  # Decoded frames are padded (bottom/right) into a fixed raw_size [H, W] array for
+  # batching, with each video's true size alongside; larger ones are centre-cropped.
+  c.input.raw_size = (128, 228)
   c.input.crop_size = 112  # S
-  c.input.max_rate = 3.0  # r_max of the random frame rate
+  c.input.crop_area = (0.5, 1.0)  # random resized crop: area fraction range
+  c.input.crop_aspect = (3 / 4, 4 / 3)  # and aspect-ratio range
+  c.input.flip_prob = 0.5
+  c.input.gray_prob = 0.5
+  c.input.jitter = (0.5, 0.5, 0.5, 0.25)  # brightness, contrast, saturation, hue
+  c.input.jitter_prob = 1.0
   c.input.blur = True  # Gaussian blur (supplementary); the reference has none
+  c.input.blur_prob = 0.5
+  c.input.blur_sigma = (0.1, 2.0)
+  c.input.mean = (0.485, 0.456, 0.406)
+  c.input.std = (0.229, 0.224, 0.225)
   c.input.diff_wrap = True  # d = v - roll(v, 1): frame 0 minus frame T-1 (reference)
+  c.input.prefetch = 2  # batches prepared ahead on the host
 
   c.model = ml_collections.ConfigDict()
   c.model.encoder = ml_collections.ConfigDict(
@@ -66,6 +82,7 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
   c.batch_size = 8
   c.num_epochs = 2
   c.input.num_frames = 4
+  c.input.raw_size = (40, 48)
   c.input.crop_size = 32
   c.model.encoder.width = 8
   c.model.encoder.blocks = (1, 1, 1, 1)
