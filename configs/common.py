@@ -15,6 +15,8 @@ def base() -> ml_collections.ConfigDict:
   c.num_epochs = 300
   c.batch_size = 64  # global, over all devices and hosts
   c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.log_every_steps = 50
 
   c.input = ml_collections.ConfigDict()
   c.input.dataset = "ucf101"  # a TFDS name, e.g. "ucf101/split1", "synthetic_motion"
@@ -77,15 +79,21 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
-def runlocal(c: ml_collections.ConfigDict) -> None:
-  """Shrinks a config to a CPU-sized model: width 8, 4 frames of 32x32."""
+def runlocal(c: ml_collections.ConfigDict, keep_blocks: bool = False) -> None:
+  """Shrinks a config to a CPU-sized model: width 8, 4 frames of 32x32.
+
+  Blocks per stage drop to (1, 1, 1, 1) unless `keep_blocks` (a backbone variant
+  chose them, and the variant is what is being tried).
+  """
   c.batch_size = 8
   c.num_epochs = 2
+  c.log_every_steps = 1
   c.input.num_frames = 4
   c.input.raw_size = (40, 48)
   c.input.crop_size = 32
   c.model.encoder.width = 8
-  c.model.encoder.blocks = (1, 1, 1, 1)
+  if not keep_blocks:
+    c.model.encoder.blocks = (1, 1, 1, 1)
   c.model.num_concepts = 8
   c.model.sigma_dim = 64  # = encoder width x 8, so identity sigma fits
   c.model.decoder_hidden = min(c.model.decoder_hidden, 32)
@@ -103,22 +111,42 @@ ABLATIONS = {
     "topk": lambda c, v: setattr(c.loss, "loc_topk", int(v)),
     "encoders": lambda c, v: setattr(
         c.model, "separate_encoders", {"shared": False, "separate": True}[v]),
+    "backbone": lambda c, v: _backbone(c, v),
+}
+
+# Supplementary Table 4: name -> (encoder keys, crop size, raw frame size).
+BACKBONES = {
+    "r2plus1d18": (dict(arch="r2plus1d", blocks=(2, 2, 2, 2)), 112, (128, 228)),
+    "r2plus1d18_224": (dict(arch="r2plus1d", blocks=(2, 2, 2, 2)), 224, (256, 456)),
+    "r3d34": (dict(arch="r3d", blocks=(3, 4, 6, 3)), 112, (128, 228)),
 }
 
 
+def _backbone(c, name):
+  encoder, crop, raw = BACKBONES[name]
+  c.model.encoder.update(encoder)
+  c.input.crop_size, c.input.raw_size = crop, raw
+
+
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """Applies a comma-separated variant string ("sigma=mlp,runlocal") and locks."""
-  for item in filter(None, (arg or "").split(",")):
-    name, _, value = item.partition("=")
+  """Applies a comma-separated variant string ("sigma=mlp,runlocal") and locks.
+
+  `runlocal` is applied last, whatever its position, so it shrinks the sizes a
+  variant chose.
+  """
+  items = [item.partition("=") for item in filter(None, (arg or "").split(","))]
+  for name, _, value in items:
     if name == "runlocal":
-      runlocal(c)
-    elif name in ABLATIONS:
-      try:
-        ABLATIONS[name](c, value)
-      except KeyError:
-        raise ValueError(f"Config variant {item!r}: unknown value {value!r}.") from None
-    else:
+      continue
+    if name not in ABLATIONS:
       raise ValueError(f"Unknown config variant {name!r}; known: runlocal, "
                        f"{', '.join(sorted(ABLATIONS))}.")
+    try:
+      ABLATIONS[name](c, value)
+    except KeyError:
+      raise ValueError(f"Config variant {name}={value}: unknown value {value!r}.") from None
+  names = [name for name, _, _ in items]
+  if "runlocal" in names:
+    runlocal(c, keep_blocks="backbone" in names)
   c.lock()
   return c

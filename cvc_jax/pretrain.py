@@ -2,14 +2,21 @@
 of section 5, the train state with its concept queues, and the train step.
 """
 
+import functools
+import os
+import signal
+import time
 from typing import Any
 
+from absl import logging
 import flax
 import flax.linen as nn
 import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 from cvc_jax import losses
 from cvc_jax.models import cvc
@@ -201,8 +208,11 @@ def create_train_state(config, rng: jax.Array, views_shape, steps_per_epoch: int
 def train_step(state: TrainState, views: jax.Array, config, steps_per_epoch: int):
   """One optimisation step on prepared views [B, 6, T, H, W, 3].
 
+  A step whose loss or gradient is not finite changes nothing: the state that
+  comes back is the one that went in, and `metrics['finite']` is False.
+
   Returns:
-    (new state, metrics dict with every loss term, `total` and `grad_norm`).
+    (new state, metrics dict with every loss term, `total`, `grad_norm`, `finite`).
   """
   epoch = state.step // steps_per_epoch
   # Prototype rows are unit vectors at every forward pass (SPEC 3).
@@ -216,9 +226,173 @@ def train_step(state: TrainState, views: jax.Array, config, steps_per_epoch: int
     return terms["total"], (terms, out["codes"], updates["batch_stats"])
 
   grads, (terms, codes, batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, params)
   new_state = state.replace(
       step=state.step + 1, params=optax.apply_updates(params, updates),
       batch_stats=batch_stats, opt_state=opt_state,
       queue=update_queue(state.queue, codes))
-  return new_state, dict(terms, grad_norm=optax.tree.norm(grads))
+  finite = jnp.isfinite(terms["total"]) & jnp.isfinite(grad_norm)
+  new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                     new_state, state)
+  return new_state, dict(terms, grad_norm=grad_norm, finite=finite)
+
+
+def _abstract(tree):
+  """Shapes, dtypes and shardings of a pytree: orbax's restore target."""
+  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _checkpoint_tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
+  """The saved state: parameters, BatchNorm statistics, optimiser, queues, step,
+  and the run's base PRNG key. The input position is the step: batch s is a pure
+  function of (seed, s), see `input_pipeline.pretrain_batches`."""
+  return dict(step=state.step, params=state.params, batch_stats=state.batch_stats,
+              opt_state=state.opt_state, queue=state.queue,
+              rng=jax.random.key_data(rng))
+
+
+class _StopSignal:
+  """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = {}
+    for sig in (signal.SIGTERM,):
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
+    self.received = True
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def train_and_evaluate(config, workdir: str) -> TrainState:
+  """Pretrains from scratch or resumes from the newest complete checkpoint in workdir.
+
+  Args:
+    config: a full pretraining config.
+    workdir: where checkpoints, TensorBoard events and config.json go.
+
+  Returns:
+    The final train state.
+  """
+  # Imported here so that the model, losses and train step import without
+  # TensorFlow (clu's writers and the input pipeline bring it in).
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
+  from cvc_jax import input_pipeline, views as views_lib  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  input_pipeline.ensure_built(config)
+  steps_per_epoch = input_pipeline.steps_per_epoch(config)
+  total_steps = config.num_epochs * steps_per_epoch
+
+  # One `data` axis over every device of every host; the batch is split along it
+  # and everything else is replicated.
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
+                     f"{jax.device_count()} devices.")
+  t, (h, w) = config.input.num_frames, config.input.raw_size
+  views_shape = (config.batch_size, 6, t, config.input.crop_size, config.input.crop_size, 3)
+  rng = jax.random.key(config.seed)
+  state = jax.jit(functools.partial(create_train_state, config,
+                                    views_shape=views_shape,
+                                    steps_per_epoch=steps_per_epoch),
+                  out_shardings=replicated)(rng)
+
+  # Resume: the newest checkpoint orbax finalised (a save cut short is never
+  # listed). Restored in place of the fresh state: step, params, batch_stats,
+  # opt_state, queue, then the base PRNG key; the data position follows the step.
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.get("keep_checkpoints", 3),
+          save_interval_steps=config.checkpoint_every_steps,
+          cleanup_tmp_directories=True))
+  latest = manager.latest_step()
+  if latest is not None:
+    restored = manager.restore(latest, args=ocp.args.StandardRestore(
+        _abstract(_checkpoint_tree(state, rng))))
+    rng = jax.random.wrap_key_data(restored.pop("rng"))
+    state = state.replace(**restored)
+    logging.info("Resumed from step %d in %s.", latest, workdir)
+  start_step = int(state.step)
+
+  def step_fn(state, batch, rng):
+    views = views_lib.pretrain_views(batch["frames"], jax.random.fold_in(rng, state.step),
+                                     config, batch["sizes"])
+    return train_step(state, views, config, steps_per_epoch)
+
+  p_step = jax.jit(step_fn, donate_argnums=(0,),
+                   in_shardings=(replicated, batch_sharding, replicated),
+                   out_shardings=(replicated, replicated))
+  batches = input_pipeline.pretrain_batches(config, start_step=start_step)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  schedule = optax.piecewise_constant_schedule(
+      config.optim.lr, {int(e * steps_per_epoch): config.optim.decay_factor
+                        for e in config.optim.decay_epochs})
+  stop = _StopSignal()
+  log_every = config.get("log_every_steps", 50)
+  pending = None  # the previous step's metrics, read one step late to keep overlap
+  timer = time.perf_counter()
+  try:
+    for step in range(start_step, total_steps):
+      local = next(batches)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
+               for k in ("frames", "sizes")}
+      state, metrics = p_step(state, batch, rng)
+      if pending is not None:
+        _check_finite(*pending, manager)
+      pending = (step, metrics)
+      report(step + 1)
+      if (step + 1) % log_every == 0 or step + 1 == total_steps:
+        _check_finite(step, metrics, manager)
+        elapsed, timer = time.perf_counter() - timer, time.perf_counter()
+        scalars = {k: float(v) for k, v in metrics.items() if k != "finite"}
+        scalars.update(lr=float(schedule(step)), steps_per_sec=log_every / elapsed,
+                       clips_per_sec=log_every * config.batch_size * 6 / elapsed)
+        writer.write_scalars(step + 1, scalars)
+      preempted = stop.received
+      if jax.process_count() > 1:
+        preempted = preempted or manager.reached_preemption(step + 1)
+      if preempted or step + 1 == total_steps or manager.should_save(step + 1):
+        # Only a state known to be finite is ever written.
+        _check_finite(step, metrics, manager)
+        pending = None
+        manager.save(step + 1, args=ocp.args.StandardSave(_checkpoint_tree(state, rng)),
+                     force=True)
+      if preempted:
+        logging.warning("Stopped at step %d after a preemption signal.", step + 1)
+        break
+    if pending is not None:
+      _check_finite(*pending, manager)
+  finally:
+    manager.wait_until_finished()
+    writer.flush()
+    stop.restore()
+  return state
+
+
+def _check_finite(step: int, metrics, manager) -> None:
+  """Stops the run at the first step with a non-finite loss, naming the terms."""
+  if bool(metrics["finite"]):
+    return
+  values = {k: float(v) for k, v in metrics.items() if k != "finite"}
+  bad = [k for k, v in values.items() if not np.isfinite(v)]
+  manager.wait_until_finished()
+  raise FloatingPointError(
+      f"Non-finite loss at step {step} (counting from 0): {', '.join(bad)} = "
+      f"{[values[k] for k in bad]}. That step was not applied; the last good "
+      f"checkpoint (step {manager.latest_step()}) is intact. Lower optim.lr or use "
+      f"float32 (config.dtype) and resume.")

@@ -1,0 +1,40 @@
+r"""Entry point: pretraining, and (with a downstream config) evaluation.
+
+    python -m cvc_jax.main --config=configs/demo.py --workdir=/tmp/cvc_demo
+    python -m cvc_jax.main --config=configs/ucf101.py:sigma=linear --workdir=DIR \
+        --config.batch_size=128
+
+Runs launched as several processes (TPU pod slices, SLURM) add --distributed.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from cvc_jax import pretrain
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with variants after ':'.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and config.json.")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() first: for runs of several "
+                  "processes (its settings are detected on TPU pods and SLURM).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  logging.info("JAX process %d of %d, %d local / %d global devices (%s).",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].device_kind)
+  pretrain.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
