@@ -18,7 +18,9 @@ INSTALL_REQUIRES = [
 ]
 EXTRAS = {
     # Reading and building data sets; not needed by the model, losses or train step.
-    "data": ["tensorflow-cpu>=2.19,<2.22", "tensorflow-datasets>=4.9.8,<4.10"],
+    "data": ["tensorflow-cpu>=2.19,<2.22", "tensorflow-datasets>=4.9.8,<4.10",
+             "grain>=0.2.12,<0.3", "array-record>=0.8", "pillow>=10",
+             "importlib-resources>=6", "clu>=0.0.12", "tensorboard>=2.19"],
     # Weight conversion from .pth files and the parity tests. Install the CPU build
     # explicitly (pip install torch==2.13.0); a bare "torch" may pull a CUDA build.
     "torch": ["torch>=2.9,<2.15"],
@@ -36,7 +38,8 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["cvc_jax", "cvc_jax.*", "configs",
-                                               "configs.*"]),
+                                               "configs.*", "tfds_builders",
+                                               "tfds_builders.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     license="Apache-2.0",

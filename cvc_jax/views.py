@@ -1,0 +1,261 @@
+"""On-device view construction: pretraining views and evaluation crops (SPEC 1).
+
+The input pipeline ships raw uint8 frames, padded bottom/right into a fixed
+canvas, with each video's true (h, w) alongside. Everything here runs inside
+the jitted step on the accelerator: functions are vmapped over the batch, draw
+their randomness from keys folded from the video's index, and so give the same
+views however the batch is sharded and never sync with the host.
+
+Per clip, in the authors' order (their torchvision pipeline, plus the blur of
+the supplementary): random resized crop, horizontal flip, grayscale, colour
+jitter (torchvision `ColorJitter` semantics, random op order), Gaussian blur,
+then mean/std normalisation. Parameters are drawn once per clip and shared by
+its frames.
+"""
+
+import functools
+
+import dm_pix as pix
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+# The order of views along axis 1 of `pretrain_views`, as `models.cvc` reads it.
+VIEWS = ("v1", "v2", "s1", "s2", "d1", "d2")
+
+# Resampling runs on 0..255 values; default accelerator matmul precision
+# (bfloat16 passes on TPU, TF32 on GPU) would move pixels by up to a grey level.
+_PRECISION = jax.lax.Precision.HIGHEST
+
+
+def normalize(x: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
+  """Per-channel (x - mean) / std with config.input's mean and std.
+
+  Args:
+    x: [..., 3] pixels: an integer array in 0..255, or a float array already
+      scaled to [0, 1].
+    config: the experiment config.
+
+  Returns:
+    float32 [..., 3] normalised pixels.
+  """
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    x = x.astype(jnp.float32) / 255.0
+  mean = jnp.asarray(config.input.mean, jnp.float32)
+  std = jnp.asarray(config.input.std, jnp.float32)
+  return (x.astype(jnp.float32) - mean) / std
+
+
+def pretrain_views(frames: jax.Array, rng: jax.Array, config: ml_collections.ConfigDict,
+                   sizes: jax.Array | None = None) -> jax.Array:
+  """Builds the six pretraining views of every video (SPEC 1).
+
+  Video b draws from `fold_in(rng, b)`: the views of a video depend only on
+  `rng`, its frames and its position in the (global) batch, not on sharding.
+
+  Args:
+    frames: uint8 [B, 2T, H, W, 3]; frames 0..T-1 are clip 1, T..2T-1 clip 2,
+      padded bottom/right into the [H, W] canvas.
+    rng: one PRNG key for the whole batch.
+    config: the experiment config; reads config.input.
+    sizes: int [B, 2], the true (h, w) of each video in the canvas; None = the
+      whole canvas. Crops never read outside it.
+
+  Returns:
+    float32 [B, 6, T, S, S, 3] normalised views in the order of `VIEWS`:
+    v1 v2 (augmented clips), s1 s2 (frame j of each clip repeated T times, one
+    j per video, augmented independently), d1 d2 (frame differences of v1 v2).
+  """
+  b, two_t, h, w, _ = frames.shape
+  if two_t % 2:
+    raise ValueError(f"pretrain_views wants 2T frames per video, got {two_t}.")
+  sizes = _full_sizes(sizes, b, h, w)
+  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(b))
+  video_views = functools.partial(_video_views, config=config)
+  return jax.vmap(video_views)(frames, sizes, keys)
+
+
+def eval_views(frames: jax.Array, config: ml_collections.ConfigDict,
+               sizes: jax.Array | None = None) -> jax.Array:
+  """Resizes each clip's true short side to S, centre crops S x S, normalises.
+
+  Args:
+    frames: uint8 [B, N, T, H, W, 3], N clips per video, padded bottom/right.
+    config: the experiment config; reads config.input.
+    sizes: int [B, 2], the true (h, w) of each video; None = the whole canvas.
+
+  Returns:
+    float32 [B, N, T, S, S, 3].
+  """
+  b, n, t, h, w, _ = frames.shape
+  s = config.input.crop_size
+  sizes = _full_sizes(sizes, b, h, w)
+
+  def one_video(video, size):
+    size = size.astype(jnp.float32)
+    # Resize-then-centre-crop is the centred short x short square, resampled.
+    short = jnp.minimum(size[0], size[1])
+    box = ((size[0] - short) / 2, (size[1] - short) / 2, short, short)
+    out = _crop_resize(video.reshape((n * t, h, w, 3)), box, size, s, flip=False)
+    return normalize(out / 255.0, config).reshape((n, t, s, s, 3))
+
+  return jax.vmap(one_video)(frames, sizes)
+
+
+def _full_sizes(sizes, b, h, w):
+  """The true sizes as int32 [B, 2], clipped to the canvas; None = whole canvas."""
+  if sizes is None:
+    return jnp.broadcast_to(jnp.asarray([h, w], jnp.int32), (b, 2))
+  return jnp.clip(jnp.asarray(sizes, jnp.int32), 1, jnp.asarray([h, w], jnp.int32))
+
+
+def _video_views(frames, size, key, *, config):
+  """The six views of one video: frames [2T, H, W, 3] -> [6, T, S, S, 3]."""
+  t = frames.shape[0] // 2
+  # One key per augmented clip (v1 v2 s1 s2) and one for the static index.
+  clip_keys = jnp.stack([jax.random.fold_in(key, i) for i in range(4)])
+  j = jax.random.randint(jax.random.fold_in(key, 4), (), 0, t)
+  augment = jax.vmap(functools.partial(_augment_clip, size=size, config=config))
+
+  clips = frames.reshape((2, t) + frames.shape[1:])
+  v = augment(clips, clip_keys[:2])
+
+  # The reference augments the T copies of frame j with consistent parameters, so
+  # they stay identical: augmenting the one frame and repeating it is the same.
+  stills = jnp.stack([frames[j], frames[t + j]])[:, None]
+  s = jnp.broadcast_to(augment(stills, clip_keys[2:]), v.shape)
+
+  if config.input.diff_wrap:
+    d = v - jnp.roll(v, 1, axis=1)  # the reference's: frame 0 minus frame T-1
+  else:
+    d = jnp.concatenate([jnp.zeros_like(v[:, :1]), v[:, 1:] - v[:, :-1]], axis=1)
+  return jnp.concatenate([v, s, d], axis=0)
+
+
+# Slots of the one vector of uniforms that parameterises a clip's augmentation:
+# a single PRNG call per clip keeps the compiled step small.
+_AREA, _ASPECT, _SWAP, _Y, _X, _FLIP, _GRAY, _JITTER, _BLUR, _SIGMA = range(10)
+_FACTORS = slice(10, 14)  # brightness, contrast, saturation, hue
+_ORDER = slice(14, 18)  # argsort of four uniforms: the jitter op order
+_NUM_DRAWS = 18
+
+
+def _augment_clip(clip, key, *, size, config):
+  """Augments one clip [T, H, W, 3] uint8 with one draw of parameters."""
+  inp = config.input
+  s = inp.crop_size
+  u = jax.random.uniform(key, (_NUM_DRAWS,))
+  size = size.astype(jnp.float32)
+
+  # 1) Random resized crop and flip, as one bilinear resample from the canvas.
+  box = _random_box(u, size, inp.crop_area, inp.crop_aspect)
+  x = _crop_resize(clip, box, size, s, flip=u[_FLIP] < inp.flip_prob) / 255.0
+
+  # 2) Grayscale before the jitter, as in the authors' pipeline.
+  gray = u[_GRAY] < inp.gray_prob
+  x = jnp.where(gray, pix.rgb_to_grayscale(x, keep_dims=True), x)
+
+  # 3) Colour jitter.
+  if inp.jitter_prob > 0 and any(inp.jitter):
+    jittered = _color_jitter(x, u[_FACTORS], jnp.argsort(u[_ORDER]), inp.jitter)
+    x = jnp.where(u[_JITTER] < inp.jitter_prob, jittered, x)
+
+  # 4) Gaussian blur, kernel about 10% of the crop (SimCLR's choice), odd.
+  if inp.blur and inp.blur_prob > 0:
+    sigma = _between(u[_SIGMA], *inp.blur_sigma)
+    blurred = _gaussian_blur(x, sigma, int(0.1 * s) // 2 * 2 + 1)
+    x = jnp.where(u[_BLUR] < inp.blur_prob, blurred, x)
+
+  return normalize(x, config)
+
+
+def _between(u, low, high):
+  """Maps a uniform draw in [0, 1) to [low, high)."""
+  return low + u * (high - low)
+
+
+def _random_box(u, size, area_range, aspect_range):
+  """A random (y0, x0, height, width) crop box inside the true (h, w) region.
+
+  Area fraction ~ U(area_range), aspect ~ exp(U(log aspect_range)), w/h swapped
+  half the time; sides clipped to the region, offsets uniform over what is left.
+  """
+  h, w = size[0], size[1]
+  area = h * w * _between(u[_AREA], *area_range)
+  log_aspect = _between(u[_ASPECT], jnp.log(aspect_range[0]), jnp.log(aspect_range[1]))
+  aspect = jnp.exp(jnp.where(u[_SWAP] < 0.5, -log_aspect, log_aspect))  # width / height
+  crop_w = jnp.clip(jnp.sqrt(area * aspect), 1.0, w)
+  crop_h = jnp.clip(jnp.sqrt(area / aspect), 1.0, h)
+  return u[_Y] * (h - crop_h), u[_X] * (w - crop_w), crop_h, crop_w
+
+
+def _crop_resize(frames, box, size, out_size, *, flip):
+  """Resamples box (y0, x0, h, w) of every frame [T, H, W, C] to [T, S, S, C].
+
+  Bilinear, antialiased when shrinking (PIL's filter), as two dense matrices so
+  the box and the flip can be traced values. Pixels outside the true `size` get
+  zero weight, so the padding never leaks in.
+  """
+  y0, x0, crop_h, crop_w = box
+  rows = _resample_matrix(out_size, frames.shape[1], y0, crop_h, size[0])
+  cols = _resample_matrix(out_size, frames.shape[2], x0, crop_w, size[1])
+  # Reversing the output columns of the matrix is the horizontal flip, for free.
+  cols = jnp.where(flip, cols[::-1], cols)
+  return jnp.einsum("yh,thwc,xw->tyxc", rows, frames.astype(jnp.float32), cols,
+                    precision=_PRECISION)
+
+
+def _resample_matrix(out_size, in_size, start, length, valid):
+  """[out_size, in_size] weights of a triangle filter over [start, start+length).
+
+  Pixel i covers [i, i+1); output pixel o samples start + (o + 0.5) * step.
+  When shrinking the triangle widens to the step, low-passing like PIL's
+  antialiased bilinear; weights on pixels >= valid are dropped and each row
+  renormalised, as jax.image.scale_and_translate treats the array's own edge.
+  """
+  step = length / out_size  # input pixels per output pixel
+  centres = start + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * step
+  pixels = jnp.arange(in_size, dtype=jnp.float32) + 0.5
+  width = jnp.maximum(step, 1.0)
+  weights = jnp.maximum(0.0, 1.0 - jnp.abs(centres[:, None] - pixels[None, :]) / width)
+  weights = jnp.where(pixels[None, :] < valid, weights, 0.0)
+  return weights / jnp.maximum(weights.sum(axis=1, keepdims=True), 1e-8)
+
+
+def _color_jitter(x, u, order, strengths):
+  """torchvision ColorJitter on [..., H, W, 3] in [0, 1], ops in a given order.
+
+  Factors ~ U[max(0, 1 - s), 1 + s] for brightness, contrast and saturation, hue
+  shift ~ U[-h, h], from the uniforms u[0:4]; `order` is a permutation of
+  0..3. Every op clamps to [0, 1] as torchvision's does on floats.
+  """
+  brightness, contrast, saturation, hue = strengths
+  f_b, f_c, f_s = (_between(u[i], max(0.0, 1.0 - st), 1.0 + st)
+                   for i, st in enumerate((brightness, contrast, saturation)))
+  delta_h = _between(u[3], -hue, hue)
+
+  def gray(y):
+    return pix.rgb_to_grayscale(y)  # [..., 1]
+
+  # torchvision blends: brightness with black, contrast with the mean grey
+  # level of each frame, saturation with the grey image (dm-pix's own
+  # brightness/contrast/saturation follow TF, which differs).
+  ops = [
+      lambda y: jnp.clip(f_b * y, 0.0, 1.0),
+      lambda y: jnp.clip(f_c * y + (1 - f_c) * jnp.mean(
+          gray(y), axis=(-3, -2, -1), keepdims=True), 0.0, 1.0),
+      lambda y: jnp.clip(f_s * y + (1 - f_s) * gray(y), 0.0, 1.0),
+      lambda y: jnp.clip(pix.adjust_hue(y, delta_h), 0.0, 1.0),
+  ]
+  # An op of strength 0 is the identity: skip its work (HSV round trips too).
+  ops = [op if st else (lambda y: y) for op, st in zip(ops, strengths)]
+  # A rolled loop traces the four ops once instead of once per step.
+  return jax.lax.fori_loop(0, len(ops), lambda i, y: jax.lax.switch(order[i], ops, y), x)
+
+
+def _gaussian_blur(x, sigma, kernel_size):
+  """Blurs frames [T, S, S, 3] with reflect padding (torchvision's) via dm-pix."""
+  r = kernel_size // 2
+  x = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
+  return pix.gaussian_blur(x, sigma, kernel_size, padding="VALID")

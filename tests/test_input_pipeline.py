@@ -1,0 +1,278 @@
+"""The synthetic_motion builder and the pretraining input pipeline (SPEC section 1)."""
+
+import numpy as np
+import pytest
+
+from configs import common
+from cvc_jax import input_pipeline
+from tfds_builders.synthetic_motion import synthetic_motion_dataset_builder as sm
+
+NUM_FRAMES = 4  # T: windows of 2T = 8 frames
+
+
+def _config(data_dir, **input_overrides):
+  """runlocal config on the tiny synthetic set; unlocked, so tests may add keys."""
+  config = common.base()
+  common.runlocal(config)  # batch 8, T = 4, raw size 40 x 48
+  config.input.dataset = "synthetic_motion/tiny"
+  config.input.data_dir = str(data_dir)
+  for key, value in input_overrides.items():
+    config.input[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("tfds")
+  input_pipeline.ensure_built(_config(path))  # Builds it: not there yet.
+  return path
+
+
+@pytest.fixture(scope="module")
+def examples(data_dir):
+  """All tiny videos, split -> list of decoded examples (in record order)."""
+  builder = input_pipeline.ensure_built(_config(data_dir))
+  out = {}
+  for split in ("train", "test"):
+    source = builder.as_data_source(split)
+    out[split] = [dict(source[i]) for i in range(len(source))]
+    for ex in out[split]:
+      ex["video"] = np.stack(ex["video"])  # TFDS's NumPy path gives a list.
+  return out
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------
+# The builder.
+
+
+def test_builder_splits_and_features(data_dir, examples):
+  builder = input_pipeline.ensure_built(_config(data_dir))
+  assert builder.info.splits["train"].num_examples == 16
+  assert builder.info.splits["test"].num_examples == 8
+  assert str(builder.info.file_format.value) == "array_record"
+  ids = [ex["video_id"] for exs in examples.values() for ex in exs]
+  assert len(set(ids)) == 24
+  for ex in examples["train"] + examples["test"]:
+    n = ex["num_frames"]
+    assert sm.MIN_FRAMES <= n <= sm.MAX_FRAMES
+    assert ex["video"].shape == (n, sm.HEIGHT, sm.WIDTH, 3)
+    assert ex["video"].dtype == np.uint8
+    assert ex["object_box"].shape == (n, 4)
+    assert ex["fps"] == 25.0
+    assert ex["label"] == ex["label_static"]
+    assert 0 <= ex["label_static"] < 4 and 0 <= ex["label_dynamic"] < 4
+  for split in ("train", "test"):  # Both labels vary within each split.
+    assert len({ex["label_static"] for ex in examples[split]}) > 1
+    assert len({ex["label_dynamic"] for ex in examples[split]}) > 1
+  assert len({ex["num_frames"] for ex in examples["train"]}) > 1
+
+
+def test_labels_are_drawn_independently():
+  # Labels are drawn before rendering from a per-video seed: check the joint
+  # distribution of the default split's first 128 videos without the builder.
+  pairs = np.array([[sm.make_video("train", i)[k]
+                     for k in ("label_static", "label_dynamic")]
+                    for i in range(128)])
+  joint = np.zeros((4, 4))
+  np.add.at(joint, (pairs[:, 0], pairs[:, 1]), 1)
+  assert (joint > 0).all(), joint  # Every (static, dynamic) pair occurs.
+  expected = np.outer(joint.sum(1), joint.sum(0)) / joint.sum()
+  chi2 = ((joint - expected) ** 2 / expected).sum()
+  assert chi2 < 21.7, chi2  # 99th percentile of chi2 with 9 dof.
+
+
+def test_object_box_moves_with_dynamic_label(examples):
+  names = sm.DYNAMIC_NAMES
+  for ex in examples["train"] + examples["test"]:
+    box = ex["object_box"]
+    # Per-frame motion in pixels, unwrapping the torus (steps < half a frame).
+    dy = ((np.diff(box[:, 0]) + 0.5) % 1 - 0.5) * sm.HEIGHT
+    dx = ((np.diff(box[:, 1]) + 0.5) % 1 - 0.5) * sm.WIDTH
+    label = names[ex["label_dynamic"]]
+    along, across = (dx, dy) if label == "horizontal" else (dy, dx)
+    np.testing.assert_array_equal(across, 0)
+    if label == "still":
+      np.testing.assert_array_equal(along, 0)
+    else:
+      direction = {"up": -1, "down": 1}.get(label, np.sign(along.sum()))
+      # Rendering rounds positions, so single steps vary by a pixel.
+      assert (along * direction >= sm.SPEED[0] - 1).all(), (label, along)
+      assert (along * direction <= sm.SPEED[1] + 1).all(), (label, along)
+      speed = along.sum() * direction / len(along)
+      assert sm.SPEED[0] - 0.1 <= speed <= sm.SPEED[1] + 0.1
+
+
+def test_object_box_is_where_the_object_is(examples):
+  # The centre of every box is object-coloured (+ noise), wherever it wraps.
+  colours = np.array([[220, 40, 40], [40, 200, 60], [50, 80, 230], [235, 215, 40]])
+  for ex in examples["train"]:
+    box = ex["object_box"]
+    cy = np.floor(((box[:, 0] + box[:, 2]) / 2 % 1) * sm.HEIGHT).astype(int)
+    cx = np.floor(((box[:, 1] + box[:, 3]) / 2 % 1) * sm.WIDTH).astype(int)
+    centre = ex["video"][np.arange(len(box)), cy, cx].astype(float)
+    err = np.abs(centre - colours[ex["label_static"]]).max(-1)
+    assert (err < 80).all(), (ex["video_id"], err.max())
+
+
+# ----------------------------------------------------------------------------
+# Frame sampling (SPEC section 1).
+
+
+def test_sample_indices_rate_and_offset_bounds():
+  n, num_out, max_rate = 1000, 32, 3.0
+  rates = []
+  for seed in range(300):
+    idx = input_pipeline.sample_indices(n, seed, num_out=num_out, max_rate=max_rate)
+    assert idx.dtype == np.int32 and idx.shape == (num_out,)
+    assert (np.diff(idx) >= 1).all() and (np.diff(idx) <= 3).all()
+    assert 0 <= idx[0] and idx[-1] < n
+    rates.append((idx[-1] - idx[0]) / (num_out - 1))
+  rates = np.array(rates)  # Exact up to rounding: +- 1 / (num_out - 1).
+  tol = 1 / (num_out - 1)
+  assert rates.min() >= 1 - tol and rates.max() <= max_rate + tol
+  assert rates.min() < 1.1 and rates.max() > 2.9  # The whole range is used,
+  assert abs(rates.mean() - 2.0) < 0.15  # uniformly.
+  starts = [input_pipeline.sample_indices(n, s, num_out=num_out, max_rate=1.0)[0]
+            for s in range(300)]
+  assert min(starts) < 50 and max(starts) > n - num_out - 50  # U{0..n - 2T}
+
+
+def test_sample_indices_rate_capped_by_video_length():
+  for seed in range(100):
+    idx = input_pipeline.sample_indices(40, seed, num_out=32, max_rate=3.0)
+    assert idx[-1] <= 39
+    rate = (idx[-1] - idx[0]) / 31
+    assert 1 - 1 / 31 <= rate <= 40 / 32 + 1 / 31  # r <= n / 2T
+  np.testing.assert_array_equal(  # n = 2T: every frame once.
+      input_pipeline.sample_indices(32, 0, num_out=32, max_rate=3.0), np.arange(32))
+
+
+def test_sample_indices_short_video_repeats_frames():
+  n, num_out = 24, 32
+  idx = input_pipeline.sample_indices(n, 0, num_out=num_out, max_rate=3.0)
+  # r = n / 2T = 0.75 and start 0: the window stretches over the whole video.
+  np.testing.assert_array_equal(idx, np.floor(0.75 * np.arange(32) + 0.5))
+  assert set(idx.tolist()) == set(range(n))  # nothing skipped, some repeated
+  np.testing.assert_array_equal(
+      input_pipeline.sample_indices(1, 0, num_out=8, max_rate=3.0), 0)
+
+
+def test_sample_indices_takes_generator_or_seed_and_checks_args():
+  a = input_pipeline.sample_indices(500, 7, num_out=8, max_rate=3.0)
+  b = input_pipeline.sample_indices(500, np.random.default_rng(7), num_out=8,
+                                    max_rate=3.0)
+  np.testing.assert_array_equal(a, b)
+  for bad in (dict(num_frames=0, max_rate=3.0), dict(num_frames=10, max_rate=0.5)):
+    with pytest.raises(ValueError):
+      input_pipeline.sample_indices(bad["num_frames"], 0, num_out=8,
+                                    max_rate=bad["max_rate"])
+
+
+# ----------------------------------------------------------------------------
+# Pretraining batches.
+
+
+def test_batches_shapes_dtypes_and_canvas(data_dir, examples):
+  config = _config(data_dir, raw_size=(48, 56))  # Larger than the 40 x 48 frames.
+  assert input_pipeline.num_videos(config) == 16
+  assert input_pipeline.steps_per_epoch(config) == 2
+  batch = next(input_pipeline.pretrain_batches(config))
+  assert batch["frames"].shape == (8, 2 * NUM_FRAMES, 48, 56, 3)
+  assert batch["frames"].dtype == np.uint8
+  assert batch["sizes"].dtype == np.int32 and batch["video_index"].dtype == np.int32
+  np.testing.assert_array_equal(batch["sizes"], [[40, 48]] * 8)
+  frames = batch["frames"]
+  assert (frames[:, :, 40:] == 0).all() and (frames[:, :, :, 48:] == 0).all()
+  assert (frames[:, :, :40, :48].reshape(8, 2 * NUM_FRAMES, -1).max(-1) > 0).all()
+
+  # Centre crop when the canvas is smaller: the same frames, cut.
+  small = _config(data_dir, raw_size=(32, 40))
+  cropped = next(input_pipeline.pretrain_batches(small))
+  np.testing.assert_array_equal(cropped["sizes"], [[32, 40]] * 8)
+  np.testing.assert_array_equal(cropped["frames"], frames[:, :, 4:36, 4:44])
+
+  # Every sampled frame is a frame of its video, in SPEC order.
+  for frames_v, index in zip(frames, batch["video_index"]):
+    video = examples["train"][index]["video"]
+    matches = [np.flatnonzero(np.abs(video.astype(int) - f[:40, :48]).max((1, 2, 3)) == 0)
+               for f in frames_v]
+    assert all(len(m) for m in matches)
+    assert (np.diff([m[0] for m in matches]) >= 1).all()
+
+
+@pytest.mark.parametrize("step", [0, 3])
+def test_process_shards_are_disjoint_and_make_the_global_batch(data_dir, step):
+  config = _config(data_dir)
+  whole = next(input_pipeline.pretrain_batches(config, start_step=step))
+  assert len(set(whole["video_index"].tolist())) == 8
+  for count in (1, 2, 4):
+    shards = [next(input_pipeline.pretrain_batches(
+        config, start_step=step, process_index=p, process_count=count))
+              for p in range(count)]
+    for key in ("video_index", "frames", "sizes"):
+      joined = np.concatenate([s[key] for s in shards])
+      np.testing.assert_array_equal(joined, whole[key], err_msg=f"{count} {key}")
+  with pytest.raises(ValueError, match="divide"):
+    input_pipeline.pretrain_batches(config, process_index=0, process_count=3)
+
+
+def test_epochs_visit_every_video_once_in_new_orders(data_dir):
+  config = _config(data_dir)
+  batches = _take(input_pipeline.pretrain_batches(config), 4)  # Two epochs.
+  order = [np.concatenate([a["video_index"], b["video_index"]])
+           for a, b in (batches[0:2], batches[2:4])]
+  for epoch in order:
+    assert sorted(epoch.tolist()) == list(range(16))
+  assert not np.array_equal(order[0], order[1])
+  config.seed = 1
+  other = next(input_pipeline.pretrain_batches(config))
+  assert not np.array_equal(other["video_index"], batches[0]["video_index"])
+
+
+def test_resume_yields_the_uninterrupted_batches(data_dir):
+  config = _config(data_dir)
+  uninterrupted = _take(input_pipeline.pretrain_batches(config), 6)
+  resumed = _take(input_pipeline.pretrain_batches(config, start_step=5), 1)
+  for key in ("video_index", "frames", "sizes"):
+    np.testing.assert_array_equal(resumed[0][key], uninterrupted[5][key])
+  # Same batches without threads or prefetching: parallelism does not matter.
+  serial = _config(data_dir, prefetch=0, num_threads=1)
+  for got, want in zip(_take(input_pipeline.pretrain_batches(serial), 6),
+                       uninterrupted):
+    np.testing.assert_array_equal(got["frames"], want["frames"])
+
+
+def test_short_videos_are_sampled_with_repetition(data_dir, examples):
+  config = _config(data_dir, num_frames=16, max_rate=3.0)  # 2T = 32 frames
+  lengths = np.array([ex["num_frames"] for ex in examples["train"]])
+  assert (lengths < 32).any() and (lengths >= 32).any()
+  seen = set()
+  for batch in _take(input_pipeline.pretrain_batches(config), 2):  # One epoch.
+    for frames, index in zip(batch["frames"], batch["video_index"]):
+      seen.add(int(index))
+      repeats = (frames[1:] == frames[:-1]).all((1, 2, 3))
+      assert (frames.reshape(32, -1).max(-1) > 0).all()  # no blank padding frames
+      if lengths[index] < 32:
+        assert repeats.any(), index
+        # Stretched over the whole video: first and last frames are sampled.
+        video = examples["train"][index]["video"]
+        np.testing.assert_array_equal(frames[0][:40, :48], video[0])
+        np.testing.assert_array_equal(frames[-1][:40, :48], video[-1])
+      else:
+        assert not repeats.any(), index  # The object moves or the noise changes.
+  assert seen == set(range(16))  # Short videos are not dropped.
+
+
+def test_errors_are_clear(tmp_path, data_dir):
+  config = _config(data_dir)
+  config.batch_size = 32
+  with pytest.raises(ValueError, match="fewer than the global batch"):
+    input_pipeline.steps_per_epoch(config)
+  config = _config(tmp_path)
+  config.input.dataset = "ucf101"  # Needs downloaded files: not built for us.
+  with pytest.raises(FileNotFoundError, match="tfds build tfds_builders/ucf101"):
+    input_pipeline.ensure_built(config)

@@ -1,0 +1,285 @@
+"""On-device views (SPEC 1): parameter sharing, view semantics, padding, sharding."""
+
+import functools
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from configs import ucf101
+from cvc_jax import views
+
+B, T, H, W, S = 3, 4, 40, 48, 32  # the runlocal config's clip shape
+RNG = np.random.default_rng(0)
+SENTINEL = np.array([255, 0, 0], np.uint8)  # paints the padding; must never show
+
+# Colour augmentations off: what is left (crop, flip) is linear in the pixels.
+GEOMETRY_ONLY = (("gray_prob", 0.0), ("jitter_prob", 0.0), ("blur", False))
+# With a square true region, area 1 and aspect 1 crop exactly the whole region.
+WHOLE_REGION = (("crop_area", (1.0, 1.0)), ("crop_aspect", (1.0, 1.0)))
+
+
+def _config(overrides=()):
+  config = ucf101.get_config("runlocal")
+  with config.unlocked():
+    for name, value in overrides:
+      setattr(config.input, name, value)
+  return config
+
+
+@functools.lru_cache(maxsize=None)
+def _pretrain_fn(overrides=()):
+  """One compiled pretrain_views per set of config overrides (compiles are slow)."""
+  config = _config(overrides)
+  return jax.jit(lambda f, k, s: views.pretrain_views(f, k, config, s))
+
+
+def _pretrain(frames, overrides=(), key=0, sizes=None):
+  if sizes is None:
+    sizes = np.tile([H, W], (frames.shape[0], 1))
+  out = _pretrain_fn(overrides)(frames, jax.random.key(key), np.asarray(sizes, np.int32))
+  return np.asarray(out)
+
+
+def _denormalize(x, config=None):
+  """Normalised views back to 0..255 pixels."""
+  config = config or _config()
+  return (x * np.asarray(config.input.std) + np.asarray(config.input.mean)) * 255
+
+
+def _expected(pixels, config=None):
+  """NumPy normalisation of uint8 pixels."""
+  config = config or _config()
+  return ((pixels / 255.0 - np.asarray(config.input.mean)) / np.asarray(config.input.std))
+
+
+def _padded(frames, sizes):
+  """Paints everything outside each video's true (h, w) with the sentinel."""
+  frames = frames.copy()
+  for b, (h, w) in enumerate(sizes):
+    frames[b, ..., h:, :, :] = SENTINEL
+    frames[b, ..., :, w:, :] = SENTINEL
+  return frames
+
+
+def _random_frames(b=B, lo=0, hi=256):
+  return RNG.integers(lo, hi, (b, 2 * T, H, W, 3), dtype=np.uint8)
+
+
+def test_shapes_order_and_finite():
+  out = _pretrain(_random_frames())
+  assert out.shape == (B, 6, T, S, S, 3) and out.dtype == np.float32
+  assert np.isfinite(out).all()
+  assert views.VIEWS == ("v1", "v2", "s1", "s2", "d1", "d2")
+
+
+def test_frames_of_a_clip_share_every_parameter_clips_do_not():
+  # Every frame of the video is the same image: with all augmentations on, frames
+  # of one view can only differ if parameters were drawn per frame.
+  sizes = [[40, 48], [27, 35], [33, 20]]
+  image = RNG.integers(0, 256, (B, 1, H, W, 3), dtype=np.uint8)
+  out = _pretrain(_padded(np.repeat(image, 2 * T, axis=1), sizes), sizes=sizes)
+  for i in range(4):  # v1 v2 s1 s2
+    np.testing.assert_allclose(out[:, i], np.repeat(out[:, i, :1], T, axis=1), atol=1e-5)
+  # The two clips (and the static views) are identical inputs, yet their views
+  # differ: each clip draws its own parameters.
+  for i, j in [(0, 1), (2, 3), (0, 2), (1, 3)]:
+    assert np.abs(out[:, i, 0] - out[:, j, 0]).max(axis=(1, 2, 3)).min() > 0.1
+
+
+def test_crop_and_flip_shared_over_changing_frames():
+  # Frame t is a fixed random image plus 20 t grey levels. Crop and flip are
+  # linear with weights summing to one, so shared geometry maps frame t to view
+  # frame 0 plus exactly 20 t levels; a per-frame crop would move the image.
+  base = RNG.integers(0, 100, (B, 1, H, W, 3))
+  frames = (base + 20 * np.arange(2 * T)[None, :, None, None, None]).astype(np.uint8)
+  out = _denormalize(_pretrain(frames, GEOMETRY_ONLY))
+  for clip in (0, 1):
+    step = out[:, clip] - out[:, clip, :1]
+    want = 20.0 * np.arange(T)[None, :, None, None, None]
+    np.testing.assert_allclose(step, np.broadcast_to(want, step.shape), atol=1e-3)
+  assert np.abs(out[:, 0] - out[:, 1] + 20 * T).max() > 1.0  # different crops
+
+
+def test_whole_region_crop_is_the_region():
+  # A square S x S region with area 1 and aspect 1: the view is the region
+  # itself, pixel for pixel, or its mirror image (flip_prob 0.5).
+  sizes = [[S, S]] * B
+  frames = _padded(_random_frames(), sizes)
+  overrides = GEOMETRY_ONLY + WHOLE_REGION
+  config = _config(overrides)
+  out = _pretrain(frames, overrides, key=1, sizes=sizes)
+  want = _expected(frames[:, :, :S, :S], config)
+  mirror = want[:, :, :, ::-1]
+
+  def match(view, frame):  # 0: the frame, 1: its mirror, None: neither
+    for flipped, image in enumerate((want[frame], mirror[frame])):
+      if np.allclose(view, image, atol=1e-5):
+        return flipped
+    return None
+
+  flips = []
+  for b in range(B):
+    for clip in (0, 1):
+      flips.append({match(out[b, clip, t], (b, clip * T + t)) for t in range(T)})
+    # Static views: one frame j, the same j for both clips, repeated T times.
+    j = [t for t in range(T)
+         if match(out[b, 2, 0], (b, t)) is not None
+         and match(out[b, 3, 0], (b, T + t)) is not None]
+    assert len(j) == 1, "s1, s2 are not frame j of clip 1, clip 2"
+    flips += [{match(out[b, 2, 0], (b, j[0]))}, {match(out[b, 3, 0], (b, T + j[0]))}]
+  # Every frame of a clip matches, all flipped or none; both kinds occur.
+  assert all(f in ({0}, {1}) for f in flips), flips
+  assert {0} in flips and {1} in flips
+
+
+def test_static_views_are_one_frame_repeated():
+  out = _pretrain(_random_frames())
+  for i in (2, 3):
+    np.testing.assert_array_equal(out[:, i], np.repeat(out[:, i, :1], T, axis=1))
+  assert np.abs(out[:, 0, 1:] - out[:, 0, :1]).max() > 0.1  # v is not static
+
+
+def test_difference_views():
+  frames = _random_frames()
+  wrap = _pretrain(frames, key=3)  # diff_wrap is True by default
+  nowrap = _pretrain(frames, (("diff_wrap", False),), key=3)
+  # The same key gives the same RGB and static views in both modes.
+  np.testing.assert_array_equal(wrap[:, :4], nowrap[:, :4])
+  v = wrap[:, :2]
+  # XLA fuses v into d's subtraction (and may contract it into an FMA), so d can
+  # differ from a subtraction of the rounded v by one float32 ulp.
+  np.testing.assert_allclose(wrap[:, 4:], v - np.roll(v, 1, axis=2), rtol=0, atol=2e-6)
+  np.testing.assert_array_equal(nowrap[:, 4:, 0], 0.0)
+  np.testing.assert_allclose(nowrap[:, 4:, 1:], v[:, :, 1:] - v[:, :, :-1], rtol=0,
+                             atol=2e-6)
+
+
+def test_determinism_and_key_dependence():
+  frames = _random_frames()
+  first = _pretrain(frames, key=7)
+  np.testing.assert_array_equal(first, _pretrain(frames, key=7))
+  other = _pretrain(frames, key=8)
+  assert np.abs(first - other).max(axis=(1, 2, 3, 4, 5)).min() > 0.1
+  # A video's views depend on the key, its frames and its index only: changing
+  # the other videos of the batch leaves them alone.
+  mixed = frames.copy()
+  mixed[1:] = _random_frames(B - 1)
+  np.testing.assert_array_equal(first[0], _pretrain(mixed, key=7)[0])
+
+
+def test_padding_is_never_read():
+  # A grey true region stays grey and flat under every augmentation (crop, flip,
+  # grayscale, jitter, blur); one drop of the red padding would break r == g == b.
+  sizes = [[40, 48], [23, 31], [17, 45]]
+  frames = _padded(np.full((B, 2 * T, H, W, 3), 100, np.uint8), sizes)
+  for key in range(3):
+    out = _denormalize(_pretrain(frames, key=key, sizes=sizes)[:, :4])
+    np.testing.assert_allclose(out, np.broadcast_to(out[..., :1, :1, :1], out.shape),
+                               atol=1e-3)
+
+
+def test_constant_grey_maps_to_the_normalised_value():
+  config = _config(GEOMETRY_ONLY)
+  out = _pretrain(np.full((B, 2 * T, H, W, 3), 128, np.uint8), GEOMETRY_ONLY)
+  want = (128 / 255 - np.asarray(config.input.mean)) / np.asarray(config.input.std)
+  np.testing.assert_allclose(out[:, :4], np.broadcast_to(want, out[:, :4].shape),
+                             atol=1e-5)
+  np.testing.assert_allclose(out[:, 4:], 0.0, atol=1e-6)
+  np.testing.assert_allclose(views.normalize(np.uint8(128), config), want, atol=1e-6)
+  np.testing.assert_allclose(views.normalize(np.float32(128 / 255), config), want,
+                             atol=1e-6)
+
+
+def test_crop_boxes_lie_inside_and_follow_the_ranges():
+  # Red = 5 x, green = 5 y inside the true region: the view of a ramp is about
+  # the ramp at the sample centres (exactly so for bilinear; the antialiasing
+  # filter of a shrinking crop is off by a fraction of a pixel), so interior
+  # pixels give the crop box back. 4 keys x 3 videos x 4 views = 48 crops.
+  sizes = np.array([[40, 48], [36, 30], [21, 47]])
+  y, x = np.mgrid[:H, :W]
+  ramp = np.stack([5 * x, 5 * y, np.zeros_like(x)], -1).astype(np.uint8)
+  frames = _padded(np.broadcast_to(ramp, (B, 2 * T, H, W, 3)), sizes)
+  out = np.concatenate([_denormalize(_pretrain(frames, GEOMETRY_ONLY, key=k, sizes=sizes))
+                        for k in range(4)])
+  sizes = np.tile(sizes, (4, 1))
+  flips = []
+  for view in range(4):
+    red, green = out[:, view, 0, S // 2, :, 0] / 5, out[:, view, 0, :, S // 2, 1] / 5
+    lo, hi = 8, S - 9  # clear of the edges, where the region's border cuts the filter
+    step_x = (red[:, hi] - red[:, lo]) / (hi - lo)
+    step_y = (green[:, hi] - green[:, lo]) / (hi - lo)
+    assert (step_y > 0).all()  # never flipped vertically
+    flips.append(step_x < 0)
+    step_x = np.abs(step_x)
+    # Pixel i covers [i, i + 1) and holds 5 i at its centre.
+    x0 = np.minimum(red[:, lo], red[:, hi]) + 0.5 - (lo + 0.5) * step_x
+    y0 = green[:, lo] + 0.5 - (lo + 0.5) * step_y
+    crop_w, crop_h = S * step_x, S * step_y
+    tol = 0.15
+    assert (x0 > -tol).all() and (x0 + crop_w < sizes[:, 1] + tol).all()
+    assert (y0 > -tol).all() and (y0 + crop_h < sizes[:, 0] + tol).all()
+    area = crop_w * crop_h / sizes.prod(1)
+    assert (area > 0.5 - 0.02).all() and (area < 1 + 0.02).all()
+    assert area.std() > 0.05
+  flips = np.stack(flips)
+  assert 0.2 < flips.mean() < 0.8  # flip_prob 0.5
+
+
+def test_grayscale_then_jitter_stays_grey():
+  config = _config((("gray_prob", 1.0),))
+  out = _denormalize(_pretrain(_random_frames(), (("gray_prob", 1.0),))[:, :4], config)
+  np.testing.assert_allclose(out[..., 1:], np.broadcast_to(out[..., :1], out[..., 1:].shape),
+                             atol=1e-3)
+
+
+def test_brightness_is_one_factor_per_clip():
+  # torchvision brightness multiplies by b ~ U[0.5, 1.5]; dark frames never clip.
+  overrides = GEOMETRY_ONLY + WHOLE_REGION + (
+      ("flip_prob", 0.0), ("jitter_prob", 1.0), ("jitter", (0.5, 0.0, 0.0, 0.0)))
+  sizes = [[S, S]] * B
+  frames = _padded(_random_frames(lo=20, hi=160), sizes)
+  out = _denormalize(_pretrain(frames, overrides, sizes=sizes))
+  ratio = out[:, :2] / frames[:, :, :S, :S].reshape(B, 2, T, S, S, 3)
+  np.testing.assert_allclose(ratio, np.broadcast_to(ratio[:, :, :1, :1, :1, :1],
+                                                    ratio.shape), rtol=1e-4)
+  factors = ratio[:, :, 0, 0, 0, 0]
+  assert ((factors > 0.5) & (factors < 1.5)).all()
+  assert np.abs(factors[:, 0] - factors[:, 1]).min() > 1e-3
+
+
+def test_sharded_batch_matches_one_device():
+  devices = jax.devices()
+  assert len(devices) == 8, "tests/conftest.py should give 8 CPU devices"
+  frames = _random_frames(8)
+  sizes = np.array([[40, 48], [23, 31], [17, 45], [40, 20]] * 2, np.int32)
+  mesh = Mesh(np.array(devices), ("data",))
+  shard = NamedSharding(mesh, P("data"))
+  got = _pretrain_fn()(jax.device_put(frames, shard), jax.random.key(5),
+                       jax.device_put(sizes, shard))
+  assert got.sharding.is_equivalent_to(shard, got.ndim)
+  # Videos 0..2 live on devices 0..2 here, all on one device below: a video's
+  # views depend on its global index only (and this reuses a compiled B = 3).
+  want = _pretrain(frames[:B], key=5, sizes=sizes[:B])
+  np.testing.assert_allclose(np.asarray(got)[:B], want, atol=1e-5)
+
+
+def test_eval_views():
+  config = _config()
+  n = 2
+  frames = RNG.integers(0, 256, (B, n, T, H, W, 3), dtype=np.uint8)
+  sizes = np.array([[32, 48], [40, 48], [36, 30]])
+  frames[1:] = 100
+  frames = _padded(frames, sizes)
+  out = np.asarray(jax.jit(lambda f, s: views.eval_views(f, config, s))(frames, sizes))
+  assert out.shape == (B, n, T, S, S, 3)
+  # Short side already S: the centre crop is the middle S columns, pixel for pixel.
+  np.testing.assert_allclose(out[0], _expected(frames[0, :, :, :S, 8:8 + S], config),
+                             atol=1e-5)
+  # Resized regions of a flat grey stay flat grey: the padding is never read.
+  np.testing.assert_allclose(out[1:], np.broadcast_to(_expected(np.uint8(100), config),
+                                                      out[1:].shape), atol=1e-5)
+  # Whole canvas by default, no randomness.
+  full = np.asarray(views.eval_views(frames[:1], config))
+  np.testing.assert_allclose(full, np.asarray(views.eval_views(frames[:1], config)))
+  assert np.isfinite(full).all()
