@@ -1,0 +1,149 @@
+"""The pretraining program end to end on the tiny synthetic data set.
+
+`python -m cvc_jax.main` runs in subprocesses (as a user runs it); the resume test
+kills one with SIGKILL at a random moment and checks the parameters bitwise.
+"""
+
+import glob
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import demo, ucf101
+from cvc_jax import input_pipeline, pretrain
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 8  # tiny synthetic train split: 16 videos / batch 8 = 2 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tfds"))
+  input_pipeline.ensure_built(_config(path))
+  return path
+
+
+def _overrides(data_dir):
+  return [f"--config.input.data_dir={data_dir}",
+          "--config.input.dataset=synthetic_motion/tiny", "--config.batch_size=8",
+          f"--config.num_epochs={STEPS // 2}", "--config.checkpoint_every_steps=1",
+          "--config.log_every_steps=2", "--config.loss.loc_start_epoch=2"]
+
+
+def _config(data_dir):
+  config = demo.get_config()
+  with config.unlocked():
+    config.input.data_dir = data_dir
+    config.input.dataset = "synthetic_motion/tiny"
+    config.batch_size, config.num_epochs = 8, STEPS // 2
+    config.checkpoint_every_steps, config.log_every_steps = 1, 2
+    config.loss.loc_start_epoch = 2
+  return config
+
+
+def _main(workdir, data_dir):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
+  return subprocess.Popen(
+      [sys.executable, "-m", "cvc_jax.main", "--config=configs/demo.py",
+       f"--workdir={workdir}", *_overrides(data_dir)], cwd=ROOT, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _final_params(workdir):
+  path = os.path.join(workdir, "checkpoints", str(STEPS), "default")
+  return ocp.StandardCheckpointer().restore(path)["params"]
+
+
+def _scalar_tags(workdir):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
+  acc.Reload()
+  return {tag: [e for e in acc.Tensors(tag)] for tag in acc.Tags()["tensors"]}
+
+
+def test_main_runs_and_resumes_bitwise_after_sigkill(tmp_path, data_dir):
+  # 1) An uninterrupted run: checkpoints, TensorBoard scalars for every term,
+  #    config.json, and a loss that falls.
+  full = str(tmp_path / "full")
+  out = _main(full, data_dir).communicate(timeout=600)[0]
+  assert os.path.exists(os.path.join(full, "config.json")), out[-3000:]
+  assert os.path.isdir(os.path.join(full, "checkpoints", str(STEPS))), out[-3000:]
+  tags = _scalar_tags(full)
+  for name in pretrain.TERMS + ("total", "lr", "grad_norm", "steps_per_sec",
+                                "clips_per_sec"):
+    assert name in tags, f"no TensorBoard scalar {name!r}; have {sorted(tags)}"
+
+  # 2) The same run killed at a random moment after its first checkpoint, then
+  #    started again with the same command.
+  killed = str(tmp_path / "killed")
+  proc = _main(killed, data_dir)
+  deadline = time.time() + 300
+  while not glob.glob(os.path.join(killed, "checkpoints", "[0-9]*")):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+    time.sleep(0.2)
+  time.sleep(random.uniform(0.0, 3.0))
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  out = _main(killed, data_dir).communicate(timeout=600)[0]
+  assert os.path.isdir(os.path.join(killed, "checkpoints", str(STEPS))), out[-3000:]
+
+  want, got = _final_params(full), _final_params(killed)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(want)[0]:
+    other = got
+    for key in path:
+      other = other[key.key]
+    np.testing.assert_array_equal(other, leaf, err_msg=jax.tree_util.keystr(path))
+
+
+def test_nonfinite_loss_stops_naming_step_and_term(tmp_path, data_dir, monkeypatch):
+  real = pretrain.compute_losses
+
+  def poisoned(out, config, *, queue=None, epoch=0):
+    terms = real(out, config, queue=queue, epoch=epoch)
+    bad = jax.numpy.where(epoch >= 1, jax.numpy.nan, terms["rec_s"])  # steps 2, 3, ...
+    terms["total"] = terms["total"] - terms["rec_s"] + bad
+    terms["rec_s"] = bad
+    return terms
+
+  monkeypatch.setattr(pretrain, "compute_losses", poisoned)
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(FloatingPointError, match=r"step 2 .*rec_s.*step 2\) is intact"):
+    pretrain.train_and_evaluate(_config(data_dir), workdir)
+  ckpts = os.path.join(workdir, "checkpoints")
+  assert sorted(int(s) for s in os.listdir(ckpts) if s.isdigit()) == [1, 2]
+  params = ocp.StandardCheckpointer().restore(os.path.join(ckpts, "2", "default"))["params"]
+  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(params))
+
+
+# Every named variant that differs from the defaults (supplementary Tables 1-5).
+VARIANTS = ["sigma=linear", "sigma=mlp", "decoder=linear", "decoder=128", "topk=2",
+            "topk=10", "encoders=separate", "backbone=r2plus1d18_224", "backbone=r3d34"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_takes_a_step(variant):
+  from cvc_jax import views  # pylint: disable=g-import-not-at-top
+  config = ucf101.get_config(f"{variant},runlocal")
+  t, (h, w), s = config.input.num_frames, config.input.raw_size, config.input.crop_size
+  frames = np.random.default_rng(0).integers(0, 256, (4, 2 * t, h, w, 3), np.uint8)
+  state = jax.jit(lambda rng: pretrain.create_train_state(
+      config, rng, (4, 6, t, s, s, 3), 1))(jax.random.key(0))
+
+  @jax.jit
+  def step(state, frames):
+    v = views.pretrain_views(frames, jax.random.key(1), config)
+    return pretrain.train_step(state, v, config, steps_per_epoch=1)
+
+  new, metrics = step(state, frames)
+  assert bool(metrics["finite"]) and int(new.step) == 1
+  assert not np.allclose(new.params["fvv_0"]["kernel"], state.params["fvv_0"]["kernel"])
+  if variant == "encoders=separate":
+    assert {"backbone", "backbone_s", "backbone_d"} <= set(new.params)
