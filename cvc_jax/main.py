@@ -7,6 +7,8 @@ r"""Entry point: pretraining, and (with a downstream config) evaluation.
 Runs launched as several processes (TPU pod slices, SLURM) add --distributed.
 """
 
+import logging as pylogging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -25,9 +27,17 @@ flags.DEFINE_bool("distributed", False,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Drops orbax's per-save INFO chatter (dozens of lines per checkpoint)."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if FLAGS.distributed:
     jax.distributed.initialize()
   logging.info("JAX process %d of %d, %d local / %d global devices (%s).",

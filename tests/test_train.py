@@ -81,15 +81,28 @@ def test_main_runs_and_resumes_bitwise_after_sigkill(tmp_path, data_dir):
                                 "clips_per_sec"):
     assert name in tags, f"no TensorBoard scalar {name!r}; have {sorted(tags)}"
 
-  # 2) The same run killed at a random moment after its first checkpoint, then
-  #    started again with the same command.
+  # 2) The same run stopped by a preemption signal (SIGTERM: it saves and exits
+  #    cleanly), resumed, killed with SIGKILL at a random moment after its next
+  #    checkpoint, and started again with the same command each time.
   killed = str(tmp_path / "killed")
-  proc = _main(killed, data_dir)
-  deadline = time.time() + 300
-  while not glob.glob(os.path.join(killed, "checkpoints", "[0-9]*")):
-    assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
-    time.sleep(0.2)
-  time.sleep(random.uniform(0.0, 3.0))
+
+  def start_and_wait_for_checkpoint():
+    proc = _main(killed, data_dir)
+    before = set(glob.glob(os.path.join(killed, "checkpoints", "[0-9]*")))
+    deadline = time.time() + 300
+    while not set(glob.glob(os.path.join(killed, "checkpoints", "[0-9]*"))) - before:
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+      time.sleep(0.1)
+    return proc
+
+  proc = start_and_wait_for_checkpoint()
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert "Stopped at step" in out or os.path.isdir(
+      os.path.join(killed, "checkpoints", str(STEPS))), out[-3000:]
+  proc = start_and_wait_for_checkpoint()
+  time.sleep(random.uniform(0.0, 2.0))
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   out = _main(killed, data_dir).communicate(timeout=600)[0]
