@@ -76,6 +76,29 @@ def pretrain_views(frames: jax.Array, rng: jax.Array, config: ml_collections.Con
   return jax.vmap(video_views)(frames, sizes, keys)
 
 
+def train_clip_views(frames: jax.Array, rng: jax.Array, config: ml_collections.ConfigDict,
+                     sizes: jax.Array | None = None) -> jax.Array:
+  """One augmented clip per video, for supervised training downstream (SPEC 6).
+
+  The same per-clip augmentation as the pretraining RGB views, with the
+  probabilities and strengths of `config.input`.
+
+  Args:
+    frames: uint8 [B, T, H, W, 3], padded bottom/right into the canvas.
+    rng: one PRNG key for the batch; video b draws from `fold_in(rng, b)`.
+    config: the experiment config; reads config.input.
+    sizes: int [B, 2], the true (h, w) of each video; None = the whole canvas.
+
+  Returns:
+    float32 [B, T, S, S, 3].
+  """
+  b, _, h, w, _ = frames.shape
+  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(b))
+  augment = functools.partial(_augment_clip, config=config)
+  return jax.vmap(lambda clip, size, key: augment(clip, key, size=size))(
+      frames, _full_sizes(sizes, b, h, w), keys)
+
+
 def eval_views(frames: jax.Array, config: ml_collections.ConfigDict,
                sizes: jax.Array | None = None) -> jax.Array:
   """Resizes each clip's true short side to S, centre crops S x S, normalises.
