@@ -67,6 +67,16 @@ def base() -> ml_collections.ConfigDict:
   c.loss.queue_start_epoch = 1  # the Sinkhorn uses the queue from this epoch on
   c.loss.freeze_prototypes_epochs = 1  # prototypes get no update in epoch 0
 
+  # Downstream evaluation (SPEC 6), used by the eval configs and the demo.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_clips = 10  # uniformly spaced test clips per video
+  c.eval.train_split = "train"
+  c.eval.test_split = "test"
+  c.eval.recall_ks = (1, 5, 10, 20, 50)
+  c.eval.labels = ("label",)  # label features of the data set to evaluate on
+  c.eval.linear_fast = ml_collections.ConfigDict(
+      dict(lr=1e-2, weight_decay=1e-4, steps=500))  # probe on extracted features
+
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"  # adam: L2 added to the gradient (torch Adam); adamw
   c.optim.lr = 1e-3

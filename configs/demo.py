@@ -4,7 +4,9 @@
 
 Builds `synthetic_motion` (procedural videos with a static and a dynamic label) on
 first use, then pretrains a width-8 R(2+1)D on 4-frame 32x32 clips with every loss
-term of the paper; L_loc joins at epoch 2.
+term of the paper (L_loc joins at epoch 2), then compares the pretrained encoder
+with a randomly initialised one on the static and the dynamic label, by a linear
+probe and by retrieval, and prints the table.
 """
 
 from configs import common
@@ -40,4 +42,8 @@ def get_config(arg=None):
   c.loss.loc_start_epoch = 2
   c.loss.queue_size = 128
   c.optim.decay_epochs = (5,)
+  # Afterwards: linear probe and retrieval on both labels, pretrained vs random.
+  c.eval_after_pretraining = True
+  c.init_from = ""
+  c.eval.labels = ("label_static", "label_dynamic")
   return common.apply_variants(c, arg)

@@ -44,6 +44,9 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].device_kind)
   pretrain.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if FLAGS.config.get("eval_after_pretraining", False):
+    from cvc_jax.downstream import demo  # pylint: disable=g-import-not-at-top
+    demo.compare(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def _overrides(data_dir):
   return [f"--config.input.data_dir={data_dir}",
           "--config.input.dataset=synthetic_motion/tiny", "--config.batch_size=8",
           f"--config.num_epochs={STEPS // 2}", "--config.checkpoint_every_steps=1",
-          "--config.log_every_steps=2", "--config.loss.loc_start_epoch=2"]
+          "--config.log_every_steps=2", "--config.loss.loc_start_epoch=2",
+          "--config.eval_after_pretraining=False"]
 
 
 def _config(data_dir):
@@ -46,6 +47,7 @@ def _config(data_dir):
     config.batch_size, config.num_epochs = 8, STEPS // 2
     config.checkpoint_every_steps, config.log_every_steps = 1, 2
     config.loss.loc_start_epoch = 2
+    config.eval_after_pretraining = False
   return config
 
 

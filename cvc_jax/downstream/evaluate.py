@@ -1,0 +1,184 @@
+"""Downstream evaluation (SPEC section 6): linear probe, finetune and retrieval.
+
+Test protocol for classification: ten uniformly spaced T-frame clips per video,
+resized and centre-cropped to the training size, softmax averaged over the clips,
+top-1 and top-5, every test video counted exactly once across devices and hosts
+(the evaluation batches are padded with a mask). Retrieval: clip-averaged,
+L2-normalised features; test videos query the training videos by cosine
+similarity.
+"""
+
+import json
+import os
+from typing import Any, Callable
+
+from absl import logging
+import flax.linen as nn
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from cvc_jax import convert
+from cvc_jax import views as views_lib
+from cvc_jax.downstream import metrics
+from cvc_jax.models import resnet3d
+
+
+def load_encoder(config, rng=None):
+  """The encoder named by `config.init_from`, with its variables.
+
+  `init_from` may be: empty (random initialisation, the baseline); a pretraining
+  workdir (its newest checkpoint; the architecture comes from its config.json);
+  or a PyTorch / safetensors file of the authors' model or of a torchvision or
+  Hara encoder (architecture read from the keys, see `cvc_jax.convert`).
+
+  Returns:
+    (module, {'params', 'batch_stats'}, description).
+  """
+  source = config.init_from
+  if not source:
+    module = resnet3d.build_encoder(config.model.encoder)
+    t, s = config.input.num_frames, config.input.crop_size
+    variables = module.init(rng if rng is not None else jax.random.key(config.seed),
+                            jnp.zeros((1, t, s, s, 3)), train=False)
+    return module, dict(variables), "random initialisation"
+  if os.path.isdir(source):
+    ckpts = os.path.join(source, "checkpoints")
+    if not os.path.isdir(ckpts):
+      raise FileNotFoundError(f"init_from={source!r} is a folder without checkpoints/: "
+                              "give a pretraining workdir or a .pth/.safetensors file.")
+    step = ocp.CheckpointManager(os.path.abspath(ckpts)).latest_step()
+    if step is None:
+      raise FileNotFoundError(f"No finished checkpoint in {ckpts}.")
+    with open(os.path.join(source, "config.json")) as f:
+      encoder_cfg = json.load(f)["model"]["encoder"]
+    restored = ocp.StandardCheckpointer().restore(
+        os.path.abspath(os.path.join(ckpts, str(step), "default")))
+    variables = {c: jax.tree_util.tree_map(jnp.asarray, restored[c]["backbone"])
+                 for c in ("params", "batch_stats")}
+    return (resnet3d.build_encoder(encoder_cfg), variables,
+            f"pretraining checkpoint {source} step {step}")
+  module, variables = convert.encoder_from_torch(convert.load_state_dict(source))
+  return module, variables, f"PyTorch weights {source}"
+
+
+def _mesh():
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def clip_averaged(config, per_clip: Callable, variables, *, split: str,
+                  label_key: str = "label"):
+  """Runs `per_clip` over every video of a split, averaged over its clips.
+
+  Args:
+    config: the evaluation config (input sizes, batch size, eval.num_clips).
+    per_clip: (variables, clips [M, T, S, S, 3]) -> [M, X].
+    variables: passed through, replicated.
+    split: the data set split.
+    label_key: which label to return.
+
+  Returns:
+    (outputs [V, X] in video order, labels int [V]).
+  """
+  from cvc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  mesh = _mesh()
+  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+  @jax.jit
+  def run(variables, frames, sizes):
+    b, n = frames.shape[:2]
+    clips = views_lib.eval_views(frames, config, sizes)
+    out = per_clip(variables, clips.reshape((b * n,) + clips.shape[2:]))
+    return jnp.mean(out.reshape((b, n) + out.shape[1:]), axis=1)
+
+  variables = jax.device_put(variables, replicated)
+  rows = {"out": [], "video_index": [], "mask": [], "label": []}
+  for local in input_pipeline.eval_batches(config, split=split,
+                                           num_clips=config.eval.num_clips,
+                                           label_key=label_key):
+    frames, sizes = (jax.make_array_from_process_local_data(batch_sharding, local[k])
+                     for k in ("frames", "sizes"))
+    out = multihost_utils.process_allgather(run(variables, frames, sizes), tiled=True)
+    rows["out"].append(np.asarray(out))
+    for key in ("video_index", "mask", "label"):
+      rows[key].append(multihost_utils.process_allgather(local[key], tiled=True))
+  stacked = {k: np.concatenate(v) for k, v in rows.items()}
+  num = input_pipeline.num_videos(config, split)
+  return metrics.gather_by_video(stacked["video_index"], stacked["mask"], stacked["out"],
+                                 stacked["label"].astype(np.int64), num_videos=num)
+
+
+def encoder_features(module: nn.Module):
+  """per_clip function: pooled encoder features, BatchNorm in inference mode."""
+  return lambda variables, clips: module.apply(variables, clips, train=False)[0]
+
+
+def retrieval(config, module, variables, *, label_key="label") -> dict[str, float]:
+  """R@k of test videos querying training videos (SPEC 6)."""
+  fn = encoder_features(module)
+  train_f, train_l = clip_averaged(config, fn, variables, split=config.eval.train_split,
+                                   label_key=label_key)
+  test_f, test_l = clip_averaged(config, fn, variables, split=config.eval.test_split,
+                                 label_key=label_key)
+  return metrics.retrieval_recall(test_f, test_l, train_f, train_l, ks=config.eval.recall_ks)
+
+
+def linear_probe_on_features(config, module, variables, *, label_key="label",
+                             num_classes: int, class_names=None) -> dict[str, Any]:
+  """The fast linear probe: a softmax classifier on features extracted once.
+
+  Train features are the clip-averaged features of each training video (no
+  augmentation); the classifier is trained full-batch with Adam and evaluated on
+  the clip-averaged test features. The protocol of the paper (augmented clips,
+  softmax averaged over test clips) is `train_classifier(..., linear=True)`.
+  """
+  fn = encoder_features(module)
+  train_f, train_l = clip_averaged(config, fn, variables, split=config.eval.train_split,
+                                   label_key=label_key)
+  test_f, test_l = clip_averaged(config, fn, variables, split=config.eval.test_split,
+                                 label_key=label_key)
+  # Standardise with training statistics, so one learning rate suits any encoder.
+  mean, std = train_f.mean(0), train_f.std(0) + 1e-6
+  x_train, x_test = (train_f - mean) / std, (test_f - mean) / std
+  lc = config.eval.linear_fast
+  tx = optax.adamw(lc.lr, weight_decay=lc.weight_decay)
+  params = {"w": jnp.zeros((x_train.shape[1], num_classes)), "b": jnp.zeros(num_classes)}
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state):
+    def loss(p):
+      logits = x_train @ p["w"] + p["b"]
+      return optax.softmax_cross_entropy_with_integer_labels(logits, train_l).mean()
+    grads = jax.grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  for _ in range(lc.steps):
+    params, opt_state = step(params, opt_state)
+  probs = np.asarray(jax.nn.softmax(x_test @ params["w"] + params["b"]))
+  return metrics.classification_metrics(probs, test_l, class_names)
+
+
+def write_results(workdir: str, results: dict[str, Any], title: str) -> str:
+  """Writes results.json and a Markdown table (results.md); returns the table."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  lines = [f"# {title}", ""]
+  for name, value in results.items():
+    if isinstance(value, dict):
+      scalars = {k: v for k, v in value.items() if isinstance(v, (int, float))}
+      if scalars:
+        lines += [f"## {name}", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {100 * v:.1f} |" for k, v in scalars.items()]
+        lines.append("")
+  table = "\n".join(lines)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(table + "\n")
+  logging.info("Results in %s:\n%s", workdir, table)
+  return table
