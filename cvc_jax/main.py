@@ -43,10 +43,22 @@ def main(argv):
   logging.info("JAX process %d of %d, %d local / %d global devices (%s).",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].device_kind)
-  pretrain.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  if FLAGS.config.get("eval_after_pretraining", False):
-    from cvc_jax.downstream import demo  # pylint: disable=g-import-not-at-top
-    demo.compare(FLAGS.config, FLAGS.workdir)
+  config, workdir = FLAGS.config, FLAGS.workdir
+  mode = config.get("mode", "pretrain")
+  if mode == "pretrain":
+    pretrain.train_and_evaluate(config, workdir)
+    if config.get("eval_after_pretraining", False):
+      from cvc_jax.downstream import demo  # pylint: disable=g-import-not-at-top
+      demo.compare(config, workdir)
+  elif mode in ("linear", "finetune"):
+    from cvc_jax.downstream import classify  # pylint: disable=g-import-not-at-top
+    classify.train_and_evaluate(config, workdir)
+  elif mode == "retrieval":
+    from cvc_jax.downstream import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.run_retrieval(config, workdir)
+  else:
+    raise app.UsageError(f"config.mode must be pretrain, linear, finetune or retrieval, "
+                         f"got {mode!r}.")
 
 
 if __name__ == "__main__":

@@ -182,3 +182,13 @@ def write_results(workdir: str, results: dict[str, Any], title: str) -> str:
     f.write(table + "\n")
   logging.info("Results in %s:\n%s", workdir, table)
   return table
+
+
+def run_retrieval(config, workdir: str) -> dict[str, float]:
+  """The retrieval protocol of `config` (mode 'retrieval'); writes results.json."""
+  module, variables, described = load_encoder(config)
+  recall = retrieval(config, module, variables)
+  if jax.process_index() == 0:
+    write_results(workdir, {"retrieval": recall, "init_from": described},
+                  f"Retrieval on {config.input.dataset}")
+  return recall

@@ -1,0 +1,1 @@
+"""Downstream evaluation configs: <dataset>_<protocol>.py."""

@@ -1,0 +1,11 @@
+"""Linear on diving48 (SPEC section 6); see configs/eval/common.py.
+
+    python -m cvc_jax.main --config=configs/eval/diving48_linear.py \
+        --config.init_from=PATH --workdir=DIR
+"""
+
+from configs.eval import common
+
+
+def get_config(arg=None):
+  return common.get_config("diving48", "linear", arg)

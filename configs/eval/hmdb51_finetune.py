@@ -1,0 +1,11 @@
+"""Finetune on hmdb51 (SPEC section 6); see configs/eval/common.py.
+
+    python -m cvc_jax.main --config=configs/eval/hmdb51_finetune.py \
+        --config.init_from=PATH --workdir=DIR
+"""
+
+from configs.eval import common
+
+
+def get_config(arg=None):
+  return common.get_config("hmdb51", "finetune", arg)

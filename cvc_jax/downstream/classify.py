@@ -1,0 +1,134 @@
+"""Action recognition downstream: finetune and linear probe (SPEC section 6).
+
+The pretrained encoder plus a new linear layer (dropout before it) is trained on
+augmented clips: the whole network (finetune), or only the linear layer with the
+encoder frozen and its BatchNorm in inference mode (linear probe). The test
+protocol is `evaluate.clip_averaged`: ten clips, softmax averaged, every video once.
+"""
+
+import functools
+import os
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cvc_jax import views as views_lib
+from cvc_jax.downstream import evaluate
+from cvc_jax.downstream import metrics
+
+
+class Classifier(nn.Module):
+  """Encoder -> dropout -> linear layer `fc`.
+
+  Attributes:
+    backbone: the encoder module (its parameters live under `backbone`).
+    num_classes: outputs of `fc`.
+    dropout: dropout rate before `fc`.
+  """
+  backbone: nn.Module
+  num_classes: int
+  dropout: float = 0.5
+
+  @nn.compact
+  def __call__(self, clips, *, train: bool, train_encoder: bool):
+    pooled, _ = self.backbone(clips, train=train and train_encoder)
+    if not train_encoder:
+      pooled = jax.lax.stop_gradient(pooled)
+    pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
+    return nn.Dense(self.num_classes, name="fc")(pooled.astype(jnp.float32))
+
+
+def _optimizer(config, steps_per_epoch: int, linear: bool):
+  oc = config.optim
+  schedule = optax.piecewise_constant_schedule(
+      oc.lr, {int(e * steps_per_epoch): oc.decay_factor for e in oc.decay_epochs})
+  tx = optax.chain(optax.add_decayed_weights(oc.weight_decay),
+                   optax.scale_by_adam(b1=oc.b1, b2=oc.b2, eps=oc.eps),
+                   optax.scale_by_learning_rate(schedule))
+  if not linear:
+    return tx
+  # Linear probe: the encoder gets no update at all (no weight decay either).
+  return optax.multi_transform(
+      {"train": tx, "frozen": optax.set_to_zero()},
+      lambda params: {k: ("frozen" if k == "backbone" else "train") for k in params})
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Finetunes (config.mode 'finetune') or linear-probes ('linear'), then tests.
+
+  Returns:
+    The results dict also written to workdir/results.json.
+  """
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from cvc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  linear = config.mode == "linear"
+  builder = input_pipeline.ensure_built(config)
+  label = builder.info.features["label"]
+  encoder, enc_vars, described = evaluate.load_encoder(config)
+  logging.info("%s from %s.", config.mode, described)
+  model = Classifier(encoder, label.num_classes, dropout=config.model.dropout)
+
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  with config.unlocked():
+    config.input.split = config.eval.train_split
+  steps_per_epoch = input_pipeline.steps_per_epoch(config)
+  total_steps = config.num_epochs * steps_per_epoch
+  t, s = config.input.num_frames, config.input.crop_size
+  fc_vars = model.init(jax.random.key(config.seed), jnp.zeros((1, t, s, s, 3)),
+                       train=False, train_encoder=False)
+  params = dict(fc_vars["params"], backbone=enc_vars["params"])
+  batch_stats = {"backbone": enc_vars["batch_stats"]}
+  tx = _optimizer(config, steps_per_epoch, linear)
+  state = jax.device_put((params, batch_stats, tx.init(params)), replicated)
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(state, batch, rng):
+    params, batch_stats, opt_state = state
+    clips = views_lib.train_clip_views(batch["frames"], rng, config, batch["sizes"])
+
+    def loss_fn(params):
+      logits, updates = model.apply(
+          {"params": params, "batch_stats": batch_stats}, clips, train=True,
+          train_encoder=not linear, rngs={"dropout": rng}, mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+      return loss.mean(), updates["batch_stats"]
+
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), new_stats, opt_state), loss
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  rng = jax.random.key(config.seed + 1)
+  batches = input_pipeline.train_clip_batches(config)
+  for i in range(total_steps):
+    local = next(batches)
+    batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
+             for k in ("frames", "sizes", "label")}
+    state, loss = step(state, batch, jax.random.fold_in(rng, i))
+    if (i + 1) % config.log_every_steps == 0 or i + 1 == total_steps:
+      writer.write_scalars(i + 1, {"train_loss": float(loss)})
+
+  params, batch_stats, _ = state
+  variables = {"params": params, "batch_stats": batch_stats}
+  per_clip = lambda v, clips: jax.nn.softmax(
+      model.apply(v, clips, train=False, train_encoder=False))
+  probs, labels = evaluate.clip_averaged(config, per_clip, variables,
+                                         split=config.eval.test_split)
+  result = metrics.classification_metrics(probs, labels, label.names)
+  writer.write_scalars(total_steps, {"test_top1": result["top1"],
+                                     "test_top5": result["top5"]})
+  writer.flush()
+  if jax.process_index() == 0:
+    metrics.confusion_png(result["confusion"], os.path.join(workdir, "confusion.png"))
+    evaluate.write_results(workdir, {config.mode: result, "init_from": described},
+                           f"{config.mode} on {config.input.dataset}")
+  return result
