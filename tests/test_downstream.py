@@ -1,0 +1,100 @@
+"""Downstream protocols end to end on the tiny synthetic data set (SPEC 6)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from configs.eval import ucf101_linear, ucf101_retrieval
+from cvc_jax import input_pipeline
+from cvc_jax.downstream import classify, evaluate
+from tests.torch_reference import cvc_model
+from tests.torch_reference.video_resnet import TorchVideoResNet
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tfds"))
+  input_pipeline.ensure_built(_tiny(ucf101_retrieval.get_config("runlocal"), path))
+  return path
+
+
+def _tiny(config, data_dir, **overrides):
+  with config.unlocked():
+    config.input.data_dir = data_dir
+    config.input.dataset = "synthetic_motion/tiny"
+    config.input.raw_size = (40, 48)
+    config.eval.num_clips = 3
+    for key, value in overrides.items():
+      target = config
+      *path, leaf = key.split(".")
+      for p in path:
+        target = target[p]
+      target[leaf] = value
+  return config
+
+
+def test_every_video_counted_once_when_the_batch_does_not_divide(data_dir):
+  """16 training videos, global batch 24 over 8 devices: one padded batch."""
+  config = _tiny(ucf101_retrieval.get_config("runlocal"), data_dir, batch_size=24)
+  mean_pixel = lambda _, clips: jnp.mean(clips, axis=(1, 2, 3, 4))[:, None]
+  out, labels = evaluate.clip_averaged(config, mean_pixel, {}, split="train")
+  assert out.shape == (16, 1)
+  # The same numbers from an evenly dividing batch on one device.
+  with config.unlocked():
+    config.batch_size = 8
+  mesh_one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(evaluate, "_mesh", lambda: mesh_one)
+    out_one, labels_one = evaluate.clip_averaged(config, mean_pixel, {}, split="train")
+  np.testing.assert_allclose(out, out_one, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(labels, labels_one)
+  source = input_pipeline.data_source(config, "train")
+  np.testing.assert_array_equal(labels, [source[i]["label"] for i in range(16)])
+
+
+@pytest.fixture(scope="module")
+def authors_checkpoint(tmp_path_factory):
+  """A randomly initialised model of the authors' layout, saved with torch."""
+  torch.manual_seed(0)
+  model = cvc_model.TorchCVC(TorchVideoResNet("r2plus1d", (1, 1, 1, 1), width=8), dim=64,
+                             concepts=8, sigma="mlp", sigma_dim=64, decoder_hidden=32,
+                             proj_hidden=32, proj_dim=16, queue_size=32)
+  path = str(tmp_path_factory.mktemp("torch") / "authors.pth")
+  torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, path)
+  return path
+
+
+def test_retrieval_from_an_authors_checkpoint(tmp_path, data_dir, authors_checkpoint):
+  config = _tiny(ucf101_retrieval.get_config("runlocal"), data_dir,
+                 init_from=authors_checkpoint, batch_size=8)
+  recall = evaluate.run_retrieval(config, str(tmp_path))
+  values = [recall[f"R@{k}"] for k in config.eval.recall_ks]
+  assert values == sorted(values) and 0 <= values[0] <= 1 and values[-1] == 1.0
+  with open(tmp_path / "results.json") as f:
+    assert "PyTorch weights" in json.load(f)["init_from"]
+
+
+def test_linear_probe_from_an_authors_checkpoint(tmp_path, data_dir, authors_checkpoint):
+  config = _tiny(ucf101_linear.get_config("runlocal"), data_dir,
+                 init_from=authors_checkpoint, batch_size=8, num_epochs=2)
+  result = classify.train_and_evaluate(config, str(tmp_path))
+  assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
+  assert sum(map(sum, result["confusion"])) == 8  # every test video once
+  for name in ("results.json", "results.md", "confusion.png"):
+    assert os.path.exists(tmp_path / name), name
+
+
+def test_linear_probe_updates_only_the_linear_layer():
+  config = ucf101_linear.get_config("runlocal")
+  params = {"backbone": {"kernel": jnp.ones(3)}, "fc": {"kernel": jnp.ones(2)}}
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  for linear, moves in ((True, False), (False, True)):
+    tx = classify._optimizer(config, 10, linear=linear)  # pylint: disable=protected-access
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert bool(jnp.any(updates["backbone"]["kernel"] != 0)) == moves
+    assert bool(jnp.all(updates["fc"]["kernel"] != 0))
