@@ -20,7 +20,10 @@ EXTRAS = {
     # Reading and building data sets; not needed by the model, losses or train step.
     "data": ["tensorflow-cpu>=2.19,<2.22", "tensorflow-datasets>=4.9.8,<4.10",
              "grain>=0.2.12,<0.3", "array-record>=0.8", "pillow>=10",
-             "importlib-resources>=6", "clu>=0.0.12", "tensorboard>=2.19"],
+             "importlib-resources>=6", "clu>=0.0.12", "tensorboard>=2.19",
+             # The video builders: PyAV decodes (FFmpeg inside the wheel), Beam
+             # runs kinetics400, mlcroissant is imported by the `tfds` CLI.
+             "av>=14", "apache-beam>=2.60", "mlcroissant>=1.0", "tqdm>=4.60"],
     # Weight conversion from .pth files and the parity tests. Install the CPU build
     # explicitly (pip install torch==2.13.0); a bare "torch" may pull a CUDA build.
     "torch": ["torch>=2.9,<2.15"],

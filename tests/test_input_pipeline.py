@@ -276,3 +276,114 @@ def test_errors_are_clear(tmp_path, data_dir):
   config.input.dataset = "ucf101"  # Needs downloaded files: not built for us.
   with pytest.raises(FileNotFoundError, match="tfds build tfds_builders/ucf101"):
     input_pipeline.ensure_built(config)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation clips and batches (SPEC section 6).
+
+
+def test_eval_clip_indices_long_short_and_single():
+  idx = input_pipeline.eval_clip_indices(100, num_clips=10, clip_length=16)
+  assert idx.dtype == np.int32 and idx.shape == (10, 16)
+  np.testing.assert_array_equal(np.diff(idx, axis=1), 1)  # consecutive frames
+  np.testing.assert_array_equal(  # round(c * 84 / 9), halves up
+      idx[:, 0], [0, 9, 19, 28, 37, 47, 56, 65, 75, 84])
+  assert idx[-1, -1] == 99
+  np.testing.assert_array_equal(  # n = L: the whole video, ten times
+      input_pipeline.eval_clip_indices(16, num_clips=10, clip_length=16),
+      np.tile(np.arange(16), (10, 1)))
+  short = input_pipeline.eval_clip_indices(5, num_clips=10, clip_length=16)
+  # Stretched over the video: every frame, in order, some repeated.
+  np.testing.assert_array_equal(short, np.tile(
+      [0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4], (10, 1)))
+  np.testing.assert_array_equal(
+      input_pipeline.eval_clip_indices(1, num_clips=2, clip_length=3), 0)
+  np.testing.assert_array_equal(  # One clip: the centre one.
+      input_pipeline.eval_clip_indices(40, num_clips=1, clip_length=16),
+      [np.arange(12, 28)])
+  with pytest.raises(ValueError):
+    input_pipeline.eval_clip_indices(0, num_clips=10, clip_length=16)
+
+
+@pytest.mark.parametrize("batch_size", [4, 12])  # no padding; 4 padded slots
+def test_eval_batches_count_every_video_once(data_dir, examples, batch_size):
+  config = _config(data_dir)
+  config.batch_size = batch_size
+  test = examples["test"]  # 8 videos
+  assert input_pipeline.num_eval_batches(config, "test") == -(-8 // batch_size)
+  whole = list(input_pipeline.eval_batches(config, split="test", num_clips=3))
+  assert len(whole) == -(-8 // batch_size)
+  batch = {k: np.concatenate([b[k] for b in whole]) for k in whole[0]}
+  assert batch["frames"].shape == (len(whole) * batch_size, 3, NUM_FRAMES, 40, 48, 3)
+  real = batch["mask"] == 1
+  np.testing.assert_array_equal(batch["video_index"][real], np.arange(8))
+  assert (batch["video_index"][~real] == -1).all()
+  assert (batch["frames"][~real] == 0).all() and real.sum() == 8
+  for i, ex in enumerate(test):
+    assert batch["label"][i] == ex["label"]
+    clips = input_pipeline.eval_clip_indices(ex["num_frames"], num_clips=3,
+                                             clip_length=NUM_FRAMES)
+    np.testing.assert_array_equal(batch["frames"][i], ex["video"][clips])
+  np.testing.assert_array_equal(batch["sizes"][real], [[40, 48]] * 8)
+  dynamic, = list(input_pipeline.eval_batches(  # Another label, same videos.
+      config, split="test", num_clips=3, label_key="label_dynamic"))[:1]
+  np.testing.assert_array_equal(
+      dynamic["label"][:min(8, batch_size)],
+      [ex["label_dynamic"] for ex in test[:batch_size]])
+  # Over 1, 2 and 4 processes: the same batches, split into disjoint slices,
+  # and every process yields the same number of them.
+  for count in (2, 4):
+    shards = [list(input_pipeline.eval_batches(
+        config, split="test", num_clips=3, process_index=p, process_count=count))
+              for p in range(count)]
+    assert {len(s) for s in shards} == {len(whole)}
+    for step, want in enumerate(whole):
+      for key in want:
+        got = np.concatenate([s[step][key] for s in shards])
+        np.testing.assert_array_equal(got, want[key], err_msg=f"{count} {key}")
+
+
+# ----------------------------------------------------------------------------
+# Supervised training clips.
+
+
+def test_train_clip_batches(data_dir, examples):
+  config = _config(data_dir, max_rate=3.0)  # Ignored: supervised clips are rate 1.
+  batches = _take(input_pipeline.train_clip_batches(config), 4)  # Two epochs.
+  for batch in batches:
+    assert batch["frames"].shape == (8, NUM_FRAMES, 40, 48, 3)
+    assert batch["label"].dtype == np.int32
+    for frames, label, index in zip(batch["frames"], batch["label"],
+                                    batch["video_index"]):
+      ex = examples["train"][index]
+      assert label == ex["label"]
+      # T consecutive frames of the video.
+      start = np.flatnonzero((ex["video"] == frames[0]).all((1, 2, 3)))[0]
+      np.testing.assert_array_equal(frames, ex["video"][start:start + NUM_FRAMES])
+  for epoch in (batches[0:2], batches[2:4]):
+    assert sorted(np.concatenate([b["video_index"] for b in epoch])) == list(range(16))
+  resumed = next(input_pipeline.train_clip_batches(config, start_step=3))
+  for key in batches[3]:
+    np.testing.assert_array_equal(resumed[key], batches[3][key])
+  for count in (2, 4):
+    shards = [next(input_pipeline.train_clip_batches(
+        config, start_step=3, process_index=p, process_count=count))
+              for p in range(count)]
+    for key in batches[3]:
+      np.testing.assert_array_equal(
+          np.concatenate([s[key] for s in shards]), batches[3][key])
+  # A video shorter than T is stretched with repeated frames, not dropped.
+  long_clip = _config(data_dir, num_frames=48)
+  batch = next(input_pipeline.train_clip_batches(long_clip))
+  assert batch["frames"].shape[1] == 48 and len(set(batch["video_index"])) == 8
+
+
+def test_worker_processes_yield_the_same_batches(data_dir):
+  config = _config(data_dir)
+  want = _take(input_pipeline.pretrain_batches(config, start_step=1), 3)
+  config.input.num_workers = 2  # grain worker processes instead of threads
+  got = input_pipeline.pretrain_batches(config, start_step=1)
+  for have, expected in zip(_take(got, 3), want):
+    for key in expected:
+      np.testing.assert_array_equal(have[key], expected[key])
+  got.close()  # Stops the workers now rather than at garbage collection.

@@ -1,0 +1,1 @@
+"""Benchmarks of the host side: `python -m cvc_jax.benchmarks.input_pipeline`."""
