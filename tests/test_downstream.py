@@ -98,3 +98,28 @@ def test_linear_probe_updates_only_the_linear_layer():
     updates, _ = tx.update(grads, tx.init(params), params)
     assert bool(jnp.any(updates["backbone"]["kernel"] != 0)) == moves
     assert bool(jnp.all(updates["fc"]["kernel"] != 0))
+
+
+def test_demo_compares_pretrained_and_random_on_both_labels(tmp_path, data_dir):
+  """demo.compare on a pretraining workdir (a checkpoint saved as pretrain saves it)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from configs import demo as demo_config  # pylint: disable=g-import-not-at-top
+  from cvc_jax import pretrain  # pylint: disable=g-import-not-at-top
+  from cvc_jax.downstream import demo  # pylint: disable=g-import-not-at-top
+  config = _tiny(demo_config.get_config(), data_dir, batch_size=8)
+  t, s = config.input.num_frames, config.input.crop_size
+  rng = jax.random.key(0)
+  state = pretrain.create_train_state(config, rng, (8, 6, t, s, s, 3), 2)
+  workdir = str(tmp_path)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort())
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  manager.save(0, args=ocp.args.StandardSave(pretrain._checkpoint_tree(state, rng)))  # pylint: disable=protected-access
+  manager.wait_until_finished()
+  table = demo.compare(config, workdir)
+  rows = [line for line in table.splitlines()[2:] if line.startswith("|")]
+  assert len(rows) == 4  # {pretrained, random} x {static, dynamic}
+  with open(tmp_path / "results.json") as f:
+    results = json.load(f)
+  assert set(results) == {f"{e}/{l}" for e in ("pretrained", "random init")
+                          for l in ("label_static", "label_dynamic")}

@@ -10,6 +10,7 @@ import os
 from absl import logging
 
 from cvc_jax.downstream import evaluate
+from cvc_jax.downstream import metrics
 
 
 def compare(config, workdir: str) -> str:
@@ -27,12 +28,18 @@ def compare(config, workdir: str) -> str:
       config.init_from = source
     module, variables, described = evaluate.load_encoder(config)
     logging.info("Evaluating %s (%s).", name, described)
-    for label in config.eval.labels:
-      num_classes = builder.info.features[label].num_classes
+    labels = tuple(config.eval.labels)
+    train_f, train_l = evaluate.features(config, module, variables,
+                                         split=config.eval.train_split, label_keys=labels)
+    test_f, test_l = evaluate.features(config, module, variables,
+                                       split=config.eval.test_split, label_keys=labels)
+    for label in labels:
+      feature = builder.info.features[label]
       probe = evaluate.linear_probe_on_features(
-          config, module, variables, label_key=label, num_classes=num_classes,
-          class_names=builder.info.features[label].names)
-      recall = evaluate.retrieval(config, module, variables, label_key=label)
+          config, train_f, train_l[label], test_f, test_l[label],
+          num_classes=feature.num_classes, class_names=feature.names)
+      recall = metrics.retrieval_recall(test_f, test_l[label], train_f, train_l[label],
+                                        ks=config.eval.recall_ks)
       results[f"{name}/{label}"] = dict(linear_top1=probe["top1"], **recall)
       rows.append(f"| {name} | {label} | {100 * probe['top1']:.1f} | "
                   f"{100 * recall['R@1']:.1f} | {100 * recall['R@5']:.1f} |")

@@ -117,30 +117,42 @@ def encoder_features(module: nn.Module):
   return lambda variables, clips: module.apply(variables, clips, train=False)[0]
 
 
+def features(config, module, variables, *, split: str, label_keys=("label",)):
+  """Clip-averaged encoder features of a split and its labels, computed once.
+
+  Returns:
+    (features [V, D], {label key: int labels [V]}) in video order.
+  """
+  feats, labels = clip_averaged(config, encoder_features(module), variables, split=split,
+                                label_key=label_keys[0])
+  out = {label_keys[0]: labels}
+  if len(label_keys) > 1:  # the other labels straight from the records
+    from cvc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    for key in label_keys[1:]:
+      source = input_pipeline.data_source(config, split, label_key=key)
+      out[key] = np.asarray([source[i]["label"] for i in range(len(source))], np.int64)
+  return feats, out
+
+
 def retrieval(config, module, variables, *, label_key="label") -> dict[str, float]:
   """R@k of test videos querying training videos (SPEC 6)."""
-  fn = encoder_features(module)
-  train_f, train_l = clip_averaged(config, fn, variables, split=config.eval.train_split,
-                                   label_key=label_key)
-  test_f, test_l = clip_averaged(config, fn, variables, split=config.eval.test_split,
-                                 label_key=label_key)
-  return metrics.retrieval_recall(test_f, test_l, train_f, train_l, ks=config.eval.recall_ks)
+  train_f, train_l = features(config, module, variables, split=config.eval.train_split,
+                              label_keys=(label_key,))
+  test_f, test_l = features(config, module, variables, split=config.eval.test_split,
+                            label_keys=(label_key,))
+  return metrics.retrieval_recall(test_f, test_l[label_key], train_f, train_l[label_key],
+                                  ks=config.eval.recall_ks)
 
 
-def linear_probe_on_features(config, module, variables, *, label_key="label",
+def linear_probe_on_features(config, train_f, train_l, test_f, test_l, *,
                              num_classes: int, class_names=None) -> dict[str, Any]:
   """The fast linear probe: a softmax classifier on features extracted once.
 
   Train features are the clip-averaged features of each training video (no
-  augmentation); the classifier is trained full-batch with Adam and evaluated on
+  augmentation); the classifier is trained full-batch with AdamW and evaluated on
   the clip-averaged test features. The protocol of the paper (augmented clips,
-  softmax averaged over test clips) is `train_classifier(..., linear=True)`.
+  softmax averaged over test clips) is `classify.train_and_evaluate`.
   """
-  fn = encoder_features(module)
-  train_f, train_l = clip_averaged(config, fn, variables, split=config.eval.train_split,
-                                   label_key=label_key)
-  test_f, test_l = clip_averaged(config, fn, variables, split=config.eval.test_split,
-                                 label_key=label_key)
   # Standardise with training statistics, so one learning rate suits any encoder.
   mean, std = train_f.mean(0), train_f.std(0) + 1e-6
   x_train, x_test = (train_f - mean) / std, (test_f - mean) / std
