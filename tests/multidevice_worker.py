@@ -51,10 +51,20 @@ def run_steps(mesh, num_steps=3, batch=8):
 
   step = jax.jit(step, in_shardings=(replicated, sharded), out_shardings=replicated)
   per_process = batch // jax.process_count()
+  local = lambda i: jax.make_array_from_process_local_data(
+      sharded, frames[i, jax.process_index() * per_process:
+                      (jax.process_index() + 1) * per_process])
+  if num_steps:
+    step = step.lower(state, local(0)).compile()
+  if jax.process_count() > 1:
+    # Gloo gives a collective 30 s for every process to arrive: on a loaded CI
+    # machine the two processes' compiles can differ by more, so they meet at a
+    # coordination-service barrier (no collective) once both have compiled.
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    distributed.global_state.client.wait_at_barrier("cvc_compiled", 600_000)
   totals = []
   for i in range(num_steps):
-    local = frames[i, jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
-    state, metrics = step(state, jax.make_array_from_process_local_data(sharded, local))
+    state, metrics = step(state, local(i))
     totals.append(float(metrics["total"]))
   flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
   params = {jax.tree_util.keystr(path): np.asarray(jax.device_get(leaf))
