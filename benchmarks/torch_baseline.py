@@ -1,0 +1,248 @@
+r"""PyTorch baseline: the authors' pretraining step on random views, timed.
+
+    python benchmarks/torch_baseline.py --batch_size=2 --frames=16 --size=128 \
+        --blocks=1,1,1,1 --concepts=50 --sigma=mlp [--amp bf16] [--channels_last] \
+        [--compile] [--json FILE]
+
+One step is what the authors' `train.py` does per batch: the prototypes
+renormalised, the six views of B videos through one R(2+1)D as one batch of 6B
+clips, the five projections, sigma, codes, decoders and the local concept
+aggregation, every loss term of SPEC section 4 (queue in the Sinkhorn, L_loc in
+the total), backward, Adam with L2 weight decay, and the queue push. The views
+arrive already built and on the device: the authors build them in their data
+loader's CPU workers, so unlike `python -m cvc_jax.benchmark` this times no view
+construction.
+
+The model is `tests/torch_reference` (an independent re-implementation of the
+authors' `model.py` with torchvision's R(2+1)D layout); `--encoder=torchvision`
+uses torchvision's own `VideoResNet` instead where torchvision is installed. The
+loss is composed here without host synchronisation (the oracle's `loss_terms`
+reads every term back as a float), so a step runs asynchronously on a GPU and
+compiles as one graph.
+
+Prints the same table as `cvc_jax.benchmark`; FLOPs come from
+`torch.utils.flop_counter` (matrix products and convolutions, forward and
+backward) on one eager step.
+"""
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+# The table code lives in cvc_jax.benchmark, which imports JAX: keep JAX off the
+# GPU so it cannot take the memory this process measures.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # pylint: disable=g-import-not-at-top
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from cvc_jax import benchmark  # pylint: disable=g-import-not-at-top
+from tests.torch_reference import cvc_model as ref
+from tests.torch_reference.video_resnet import TorchVideoResNet
+
+TAU = ref.SWAP_TEMPERATURE
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--batch_size", type=int, default=2, help="videos per step")
+  p.add_argument("--frames", type=int, default=16, help="T, frames per clip")
+  p.add_argument("--size", type=int, default=128, help="S, crop size")
+  p.add_argument("--blocks", default="1,1,1,1", help="blocks per R(2+1)D stage")
+  p.add_argument("--width", type=int, default=64, help="channels of the first stage")
+  p.add_argument("--concepts", type=int, default=50, help="K, concepts per kind")
+  p.add_argument("--sigma", default="mlp", choices=["identity", "linear", "mlp"])
+  p.add_argument("--queue", type=int, default=1024, help="rows of the code queue")
+  p.add_argument("--topk", type=int, default=10, help="K_valid of the local loss")
+  p.add_argument("--encoder", default="ours", choices=["ours", "torchvision"])
+  p.add_argument("--amp", default="none", choices=["none", "bf16"],
+                 help="autocast compute dtype (parameters stay float32)")
+  p.add_argument("--channels_last", action="store_true",
+                 help="channels_last_3d layout for the encoder and its input")
+  p.add_argument("--compile", action="store_true", help="torch.compile the forward+loss")
+  p.add_argument("--steps", type=int, default=20, help="timed steps")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+  p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+  p.add_argument("--json", default=None, help="also write the results here")
+  return p.parse_args(argv)
+
+
+class TorchvisionEncoder(nn.Module):
+  """torchvision's R(2+1)D with any blocks per stage, returning (pooled, map)."""
+
+  def __init__(self, blocks):
+    super().__init__()
+    from torchvision.models.video import resnet as tv  # pylint: disable=g-import-not-at-top
+    self.net = tv.VideoResNet(tv.BasicBlock, [tv.Conv2Plus1D] * 4, list(blocks),
+                              tv.R2Plus1dStem)
+    self.net.fc = nn.Identity()  # no classifier in pretraining
+
+  def forward(self, x):
+    n = self.net
+    x = n.layer4(n.layer3(n.layer2(n.layer1(n.stem(x)))))
+    return x.mean(dim=(2, 3, 4)), x
+
+
+def build_model(args) -> ref.TorchCVC:
+  blocks = tuple(int(b) for b in args.blocks.split(","))
+  if args.encoder == "torchvision":
+    if args.width != 64:
+      raise ValueError("--encoder=torchvision has width 64 only.")
+    encoder = TorchvisionEncoder(blocks)
+  else:
+    encoder = TorchVideoResNet("r2plus1d", blocks=blocks, width=args.width)
+  dim = args.width * 8
+  return ref.TorchCVC(encoder, dim=dim, concepts=args.concepts, sigma=args.sigma,
+                      sigma_dim=dim, queue_size=args.queue)
+
+
+@torch.no_grad()
+def sinkhorn(scores, eps=ref.SINKHORN_EPS, iters=ref.SINKHORN_ITERS):
+  """The oracle's Sinkhorn ([N, C] -> [N, C]) without its data-dependent inf guard,
+  which reads a value back to the host every call."""
+  q = torch.exp((scores - scores.max()) / eps).t()
+  q = q / q.sum()
+  c, n = q.shape
+  for _ in range(iters):
+    q = q / q.sum(dim=1, keepdim=True) / c
+    q = q / q.sum(dim=0, keepdim=True) / n
+  return (q / q.sum(dim=0, keepdim=True)).t()
+
+
+def swapped_prediction(codes, sk_input, views):
+  """Each view's Sinkhorn target supervises every other view's softmax (SPEC 4)."""
+  b = codes.shape[0]
+  total = 0.0
+  for i in views:
+    target = sinkhorn(sk_input[:, i])[:b]
+    partners = [k for k in views if k != i]
+    total = total + sum(-(target * F.log_softmax(codes[:, k] / TAU, dim=1)).sum(1).mean()
+                        for k in partners) / len(partners)
+  return total / len(views)
+
+
+def total_loss(model: ref.TorchCVC, views, queue, topk: int):
+  """The total of every term of SPEC section 4 at a late epoch; the codes to queue.
+
+  views: [B, 6, 3, T, S, S]; queue: [Q, 6, 2K]. Follows `ref.loss_terms`.
+  """
+  k = model.concepts
+  h, maps = model.encode(views)
+  h, maps = h.float(), maps.float()
+  codes = model.concept_codes(h).float()
+  proj = lambda head, i: head(h[:, i]).float()
+  nce = ref.info_nce
+  vv = [proj(model.fvv, i) for i in (0, 1)]
+  vs, sv = [proj(model.fvs, i) for i in (0, 1)], [proj(model.fsv, i) for i in (2, 3)]
+  vd, dv = [proj(model.fvd, i) for i in (0, 1)], [proj(model.fdv, i) for i in (4, 5)]
+  loss = (nce(vv[0], vv[1]) + nce(vv[1], vv[0])) / 2
+  for a, c in ((vs, sv), (vd, dv)):
+    loss = loss + (nce(a[0], c[1]) + nce(a[1], c[0]) + nce(c[0], a[1]) + nce(c[1], a[0])) / 2
+  sk_input = torch.cat([codes.detach(), queue], dim=0)
+  static, dynamic = codes[..., :k], codes[..., k:]
+  loss = loss + swapped_prediction(static, sk_input[..., :k], (0, 1, 2, 3))
+  loss = loss + swapped_prediction(dynamic, sk_input[..., k:], (0, 1, 4, 5))
+  loss = loss + ref.ENTROPY_WEIGHT * (ref.negative_entropy(static, (4, 5)) +
+                                      ref.negative_entropy(dynamic, (2, 3)))
+  loss = loss + ref.reconstruction_loss(codes[:, 0:2], h[:, 0:2], model.gv)
+  loss = loss + ref.reconstruction_loss(codes[:, 2:4, :k], h[:, 2:4], model.gs)
+  loss = loss + ref.reconstruction_loss(codes[:, 4:6, k:], h[:, 4:6], model.gd)
+  templates = (model.prototype.weight, model.prototype_s.weight[:k],
+               model.prototype_d.weight[k:])
+  parts = (codes[:, 0:2], codes[:, 2:4, :k], codes[:, 4:6, k:])
+  for i, (tmpl, part) in enumerate(zip(templates, parts)):
+    loss = loss + ref.local_concept_contrast(model.lit, maps[:, 2 * i:2 * i + 2], tmpl,
+                                             part, topk, strict=True)
+  return loss, codes.detach()
+
+
+def run(args) -> benchmark.Result:
+  """Builds the model and optimiser, then times `args.steps` training steps."""
+  device = torch.device(args.device)
+  torch.manual_seed(0)
+  model = build_model(args).to(device).train()
+  fmt = torch.channels_last_3d if args.channels_last else torch.contiguous_format
+  if args.channels_last:
+    model.backbone.to(memory_format=fmt)
+  # torch Adam adds the weight decay to the gradient, as the authors ran it.
+  opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5,
+                         fused=device.type == "cuda")
+  b, t, s = args.batch_size, args.frames, args.size
+  views = torch.randn(b * 6, 3, t, s, s, device=device).contiguous(memory_format=fmt)
+  views = views.view(b, 6, 3, t, s, s)
+  queue = torch.randn(args.queue, 6, 2 * args.concepts, device=device)
+  amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+  loss_fn = torch.compile(total_loss) if args.compile else total_loss
+
+  def step(queue, fn=loss_fn):
+    model.normalize_prototypes_()
+    opt.zero_grad(set_to_none=True)
+    with amp:
+      loss, codes = fn(model, views, queue, args.topk)
+    loss.backward()
+    opt.step()
+    return torch.cat([queue[b:], codes], dim=0), loss
+
+  sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+  if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+  # FLOPs of one eager step, counted by the operators' shapes.
+  counter = FlopCounterMode(display=False)
+  with counter:
+    queue, _ = step(queue, fn=total_loss)
+  flops = float(counter.get_total_flops())
+  sync()
+
+  start = time.perf_counter()
+  queue, _ = step(queue)  # the first call compiles under --compile
+  sync()
+  first_step = time.perf_counter() - start
+  for _ in range(max(args.warmup - 1, 0)):
+    queue, _ = step(queue)
+  sync()
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    queue, loss = step(queue)
+    sync()
+    times.append(time.perf_counter() - start)
+  if not torch.isfinite(loss):
+    print("Warning: the last step's loss is not finite.", file=sys.stderr)
+
+  if device.type == "cuda":
+    kind = torch.cuda.get_device_name(device)
+    memory, memory_source = torch.cuda.max_memory_allocated(device), "torch allocator peak"
+  else:
+    kind = "cpu"
+    memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    memory_source = "process peak RSS, host"
+  dtype = "bfloat16" if args.amp == "bf16" else "float32"
+  tuned = [n for n, on in (("AMP bf16", args.amp == "bf16"),
+                           ("channels_last", args.channels_last),
+                           ("torch.compile", args.compile)) if on]
+  return benchmark.Result(
+      framework=f"torch {torch.__version__}", device_kind=kind, device_count=1,
+      dtype=dtype, global_batch=b, clip_shape=(t, s, s), step_times_s=times,
+      flops_per_step=flops, flops_source="torch flop_counter",
+      peak_tflops_per_device=benchmark.peak_tflops(kind, dtype),
+      peak_memory_bytes=int(memory), peak_memory_source=memory_source,
+      compile_time_s=first_step,
+      notes=("fwd+bwd+Adam on prebuilt views, " + (", ".join(tuned) or "eager fp32") +
+             f", {args.encoder} encoder; compile time = first step"))
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  result = run(args)
+  print(benchmark.format_table(result))
+  if args.json:
+    benchmark.write_json(result, args.json)
+
+
+if __name__ == "__main__":
+  main()

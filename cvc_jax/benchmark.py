@@ -1,0 +1,282 @@
+r"""Train-step throughput on synthetic frames: step time, clips/s, FLOPs, MFU, memory.
+
+    python -m cvc_jax.benchmark --config=configs/reference.py --config.batch_size=2
+    python -m cvc_jax.benchmark --config=configs/ucf101.py --config.dtype=bfloat16 \
+        --config.batch_size=64 --remat=dots --json=/tmp/bench.json
+
+Times the whole jitted step of `cvc_jax.main`: the six views built on the device
+from raw uint8 frames, forward, backward and the Adam update, with the state
+donated, the batch sharded over a 1-D `data` mesh of every device and the state
+replicated. Frames are random and already on the devices, so no input pipeline
+(and no TensorFlow) is involved. The step runs at an epoch past every switch of
+SPEC section 4 (queue in the Sinkhorn, L_loc in the total, prototypes free), the
+steady state of a run. Compilation is timed on its own, then each of `--steps`
+steps is timed between `block_until_ready`s.
+
+`benchmarks/torch_baseline.py` prints the same table for the PyTorch model.
+"""
+
+import dataclasses
+import json
+import resource
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+from ml_collections import config_flags
+
+from cvc_jax import pretrain
+from cvc_jax import views as views_lib
+
+CLIPS_PER_VIDEO = 6  # v1 v2 s1 s2 d1 d2
+
+# Dense peak TFLOP/s per device: (bfloat16, float32). Sources: NVIDIA's H100
+# datasheet (SXM: BF16 tensor 1979 with sparsity, so 989 dense; FP32 67; H200
+# has the H100 SXM's compute), NVIDIA's A100 datasheet (BF16 312, FP32 19.5;
+# TF32 tensor 156 not used here), Google Cloud's TPU system-architecture pages
+# (per-chip bf16: v4 275, v5e 197, v5p 459, v6e 918). TPUs multiply float32 on
+# the bf16 MXU in several passes; their bf16 peak is the ceiling for both.
+# Keys are matched against the lower-cased `device_kind`, first match wins.
+PEAK_TFLOPS = (
+    ("h100 pcie", (756.0, 51.0)),
+    ("h100", (989.0, 67.0)),
+    ("h200", (989.0, 67.0)),
+    ("a100", (312.0, 19.5)),
+    ("tpu v4", (275.0, 275.0)),
+    ("tpu v5 lite", (197.0, 197.0)),  # v5e reports itself as "TPU v5 lite"
+    ("tpu v5e", (197.0, 197.0)),
+    ("tpu v5p", (459.0, 459.0)),
+    ("tpu v5", (459.0, 459.0)),  # v5p reports itself as "TPU v5"
+    ("tpu v6", (918.0, 918.0)),  # v6e: "TPU v6 lite"
+)
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with variants after ':'.", lock_config=True)
+flags.DEFINE_integer("steps", 20, "Timed steps (the spread is over these).")
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_enum("remat", "none", ["none", "dots"],
+                  "Rematerialisation: 'dots' keeps only convolution and matmul "
+                  "outputs for the backward pass and recomputes norms and "
+                  "activations, for a larger batch in the same memory.")
+flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+  """Dense peak TFLOP/s of one device for a compute dtype; None if unknown (CPUs)."""
+  kind = device_kind.lower()
+  for key, (bf16, fp32) in PEAK_TFLOPS:
+    if key in kind:
+      return bf16 if dtype == "bfloat16" else fp32
+  return None
+
+
+@dataclasses.dataclass
+class Result:
+  """One benchmark run; `format_table` prints it, `dataclasses.asdict` saves it."""
+  framework: str
+  device_kind: str
+  device_count: int
+  dtype: str
+  global_batch: int
+  clip_shape: tuple[int, int, int]  # T, S, S
+  step_times_s: list[float]
+  flops_per_step: float | None  # the whole step, all devices
+  flops_source: str
+  peak_tflops_per_device: float | None
+  peak_memory_bytes: int | None  # per device
+  peak_memory_source: str
+  compile_time_s: float
+  notes: str = ""
+
+  @property
+  def step_time_s(self) -> float:
+    return statistics.median(self.step_times_s)
+
+  def summary(self) -> dict:
+    """The derived figures: median and spread, throughput, MFU."""
+    t = self.step_time_s
+    times = np.asarray(self.step_times_s)
+    mfu = None
+    if self.flops_per_step and self.peak_tflops_per_device:
+      mfu = self.flops_per_step / t / (self.peak_tflops_per_device * 1e12 *
+                                        self.device_count)
+    return dict(
+        step_time_median_s=t, step_time_min_s=float(times.min()),
+        step_time_max_s=float(times.max()),
+        step_time_p10_s=float(np.percentile(times, 10)),
+        step_time_p90_s=float(np.percentile(times, 90)),
+        videos_per_s=self.global_batch / t,
+        clips_per_s=self.global_batch * CLIPS_PER_VIDEO / t,
+        tflops_per_s=self.flops_per_step / t / 1e12 if self.flops_per_step else None,
+        mfu=mfu)
+
+  def to_json(self) -> dict:
+    return dict(dataclasses.asdict(self), **self.summary())
+
+
+def format_table(r: Result) -> str:
+  """The results as a two-column text table."""
+  s = r.summary()
+  na = lambda v, fmt: "n/a" if v is None else fmt.format(v)
+  t, s_, _ = r.clip_shape
+  rows = [
+      ("framework", r.framework),
+      ("device", f"{r.device_kind} x {r.device_count}"),
+      ("dtype", r.dtype),
+      ("global batch", f"{r.global_batch} videos = {r.global_batch * CLIPS_PER_VIDEO} "
+                       f"clips of {t}x{s_}x{s_}"),
+      ("step time (median)", f"{s['step_time_median_s'] * 1e3:.1f} ms"),
+      ("step time spread", f"min {s['step_time_min_s'] * 1e3:.1f} / p10 "
+                           f"{s['step_time_p10_s'] * 1e3:.1f} / p90 "
+                           f"{s['step_time_p90_s'] * 1e3:.1f} / max "
+                           f"{s['step_time_max_s'] * 1e3:.1f} ms over "
+                           f"{len(r.step_times_s)} steps"),
+      ("videos/s", f"{s['videos_per_s']:.2f}"),
+      ("clips/s", f"{s['clips_per_s']:.2f}"),
+      ("FLOPs per step", na(r.flops_per_step and r.flops_per_step / 1e12, "{:.3f} T") +
+       f" ({r.flops_source})"),
+      ("achieved", na(s["tflops_per_s"], "{:.2f} TFLOP/s")),
+      ("MFU", na(s["mfu"], "{:.1%}") + (
+          f" of {r.peak_tflops_per_device:g} TFLOP/s x {r.device_count}"
+          if r.peak_tflops_per_device else " (no peak known for this device)")),
+      ("peak memory", na(r.peak_memory_bytes and r.peak_memory_bytes / 2**30,
+                         "{:.2f} GiB") + f" ({r.peak_memory_source})"),
+      ("compile time", f"{r.compile_time_s:.1f} s"),
+  ]
+  if r.notes:
+    rows.append(("notes", r.notes))
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+class _RematModel:
+  """Stands in for the model in the train state; its apply recomputes, in the
+  backward pass, everything but convolution and matmul outputs."""
+
+  def __init__(self, model):
+    self.model = model
+
+  def apply(self, variables, views, *, train, mutable):
+    fn = lambda v, x: self.model.apply(v, x, train=train, mutable=mutable)
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_saveable)(
+        variables, views)
+
+
+def _memory(device) -> tuple[int | None, str]:
+  """Peak memory of one device: the allocator's count where the backend keeps
+  one (GPU, TPU), else the process's peak resident set (CPU: host memory)."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"]), "device allocator peak"
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+  return int(rss), "process peak RSS, host"
+
+
+def run(config, *, steps: int = 20, warmup: int = 2, remat: str = "none",
+        log=print) -> Result:
+  """Compiles and times the train step of `config` on every visible device.
+
+  Args:
+    config: a full pretraining config (reads `batch_size`, `dtype`, `input`, ...).
+    steps: timed steps; the table gives their median and spread.
+    warmup: untimed steps after compilation.
+    remat: 'none' or 'dots' (see the --remat flag).
+    log: where progress lines go.
+
+  Returns:
+    The `Result`.
+  """
+  devices = jax.devices()
+  mesh = Mesh(np.asarray(devices), ("data",))
+  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  b, t = config.batch_size, config.input.num_frames
+  if b % len(devices):
+    raise ValueError(f"batch_size {b} must be divisible by the {len(devices)} devices.")
+  (h, w), s = config.input.raw_size, config.input.crop_size
+  # Epoch = step: from `steady_epoch` on every term and the queue are on.
+  steps_per_epoch = 1
+  steady_epoch = max(config.loss.loc_start_epoch, config.loss.queue_start_epoch,
+                     config.loss.freeze_prototypes_epochs)
+
+  state = jax.jit(lambda rng: pretrain.create_train_state(
+      config, rng, (b, CLIPS_PER_VIDEO, t, s, s, 3), steps_per_epoch),
+                  out_shardings=replicated)(jax.random.key(config.seed))
+  state = state.replace(step=jax.device_put(np.int32(steady_epoch), replicated))
+  if remat == "dots":
+    state = state.replace(model=_RematModel(state.model))
+  elif remat != "none":
+    raise ValueError(f"remat must be 'none' or 'dots', got {remat!r}.")
+
+  frames = np.random.default_rng(0).integers(0, 256, (b, 2 * t, h, w, 3), np.uint8)
+  batch = {"frames": jax.device_put(frames, batch_sharding),
+           "sizes": jax.device_put(np.tile(np.int32([h, w]), (b, 1)), batch_sharding)}
+  rng = jax.device_put(jax.random.key(config.seed + 1), replicated)
+
+  # The step of `pretrain.train_and_evaluate`, views included.
+  def step_fn(state, batch, rng):
+    views = views_lib.pretrain_views(batch["frames"], jax.random.fold_in(rng, state.step),
+                                     config, batch["sizes"])
+    return pretrain.train_step(state, views, config, steps_per_epoch)
+
+  p_step = jax.jit(step_fn, donate_argnums=(0,),
+                   in_shardings=(replicated, batch_sharding, replicated),
+                   out_shardings=(replicated, replicated))
+  log(f"Compiling the step: {b} videos on {len(devices)} x {devices[0].device_kind}.")
+  start = time.perf_counter()
+  compiled = p_step.lower(state, batch, rng).compile()
+  compile_time = time.perf_counter() - start
+  # SPMD programs are per device: the cost analysis counts one device's share.
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = cost.get("flops") if cost else None
+  flops = flops * len(devices) if flops and flops > 0 else None
+
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch, rng)
+  jax.block_until_ready(state)
+  times = []
+  for i in range(steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+    if not bool(metrics["finite"]):
+      log(f"Warning: step {i} had a non-finite loss (the state was kept).")
+  memory, memory_source = _memory(devices[0])
+  notes = "views+fwd+bwd+Adam, frames on device"
+  if remat != "none":
+    notes += f", remat={remat}"
+  return Result(
+      framework=f"jax {jax.__version__}", device_kind=devices[0].device_kind,
+      device_count=len(devices), dtype=config.dtype, global_batch=b,
+      clip_shape=(t, s, s), step_times_s=times, flops_per_step=flops,
+      flops_source="XLA cost analysis", peak_tflops_per_device=peak_tflops(
+          devices[0].device_kind, config.dtype),
+      peak_memory_bytes=memory, peak_memory_source=memory_source,
+      compile_time_s=compile_time, notes=notes)
+
+
+def write_json(result: Result, path: str) -> None:
+  """Writes `result.to_json()` to path."""
+  with open(path, "w") as f:
+    json.dump(result.to_json(), f, indent=2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  result = run(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup, remat=FLAGS.remat,
+               log=lambda m: print(m, file=sys.stderr, flush=True))
+  print(format_table(result))
+  if FLAGS.json:
+    write_json(result, FLAGS.json)
+
+
+if __name__ == "__main__":
+  app.run(main)
