@@ -76,7 +76,7 @@ def test_encoder_from_torch_matches_pytorch(name):
   assert set(back) - {k for k in back if k.endswith("num_batches_tracked")} == set(original)
   for key, value in original.items():
     np.testing.assert_array_equal(back[key], value, err_msg=key)
-  net.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+  net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in back.items()}, strict=True)
 
 
 def test_encoder_architecture_is_read_from_the_keys():
