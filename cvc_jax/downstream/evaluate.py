@@ -20,11 +20,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from cvc_jax import convert
 from cvc_jax import views as views_lib
 from cvc_jax.downstream import metrics
+from cvc_jax.models import exported
 from cvc_jax.models import resnet3d
 
 
@@ -32,9 +32,10 @@ def load_encoder(config, rng=None):
   """The encoder named by `config.init_from`, with its variables.
 
   `init_from` may be: empty (random initialisation, the baseline); a pretraining
-  workdir (its newest checkpoint; the architecture comes from its config.json);
-  or a PyTorch / safetensors file of the authors' model or of a torchvision or
-  Hara encoder (architecture read from the keys, see `cvc_jax.convert`).
+  workdir (its newest checkpoint's shared encoder; the architecture comes from its
+  config.json); an exported encoder folder (`python -m cvc_jax.export`); or a
+  PyTorch / safetensors file of the authors' model or of a torchvision or Hara
+  encoder (architecture read from the keys, see `cvc_jax.convert`).
 
   Returns:
     (module, {'params', 'batch_stats'}, description).
@@ -46,21 +47,12 @@ def load_encoder(config, rng=None):
     variables = module.init(rng if rng is not None else jax.random.key(config.seed),
                             jnp.zeros((1, t, s, s, 3)), train=False)
     return module, dict(variables), "random initialisation"
+  if os.path.isdir(source) and exported.is_exported(source):
+    module, variables = exported.load_encoder(source)
+    return module, variables, f"exported encoder {source}"
   if os.path.isdir(source):
-    ckpts = os.path.join(source, "checkpoints")
-    if not os.path.isdir(ckpts):
-      raise FileNotFoundError(f"init_from={source!r} is a folder without checkpoints/: "
-                              "give a pretraining workdir or a .pth/.safetensors file.")
-    step = ocp.CheckpointManager(os.path.abspath(ckpts)).latest_step()
-    if step is None:
-      raise FileNotFoundError(f"No finished checkpoint in {ckpts}.")
-    with open(os.path.join(source, "config.json")) as f:
-      encoder_cfg = json.load(f)["model"]["encoder"]
-    restored = ocp.StandardCheckpointer().restore(
-        os.path.abspath(os.path.join(ckpts, str(step), "default")))
-    variables = {c: jax.tree_util.tree_map(jnp.asarray, restored[c]["backbone"])
-                 for c in ("params", "batch_stats")}
-    return (resnet3d.build_encoder(encoder_cfg), variables,
+    run_config, variables, step = exported.encoder_from_workdir(source)
+    return (resnet3d.build_encoder(run_config["model"]["encoder"]), variables,
             f"pretraining checkpoint {source} step {step}")
   module, variables = convert.encoder_from_torch(convert.load_state_dict(source))
   return module, variables, f"PyTorch weights {source}"
