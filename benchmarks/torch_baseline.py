@@ -3,6 +3,7 @@ r"""PyTorch baseline: the authors' pretraining step on random views, timed.
     python benchmarks/torch_baseline.py --batch_size=2 --frames=16 --size=128 \
         --blocks=1,1,1,1 --concepts=50 --sigma=mlp [--amp bf16] [--channels_last] \
         [--compile] [--json FILE]
+    python benchmarks/torch_baseline.py --config=configs/ucf101.py --batch_size=16
 
 One step is what the authors' `train.py` does per batch: the prototypes
 renormalised, the six views of B videos through one R(2+1)D as one batch of 6B
@@ -26,6 +27,7 @@ backward) on one eager step.
 """
 
 import argparse
+import importlib.util
 import os
 import resource
 import sys
@@ -49,7 +51,15 @@ TAU = ref.SWAP_TEMPERATURE
 
 
 def parse_args(argv=None):
+  """Flags; `--config=FILE[:variants]` first sets those a cvc_jax config implies."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--config")
+  config_path = pre.parse_known_args(argv)[0].config
+  if config_path:
+    argv = config_flags(load_config(config_path)) + argv  # later flags win
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--config", help="a cvc_jax config (FILE[:variants]) to copy sizes from")
   p.add_argument("--batch_size", type=int, default=2, help="videos per step")
   p.add_argument("--frames", type=int, default=16, help="T, frames per clip")
   p.add_argument("--size", type=int, default=128, help="S, crop size")
@@ -57,8 +67,14 @@ def parse_args(argv=None):
   p.add_argument("--width", type=int, default=64, help="channels of the first stage")
   p.add_argument("--concepts", type=int, default=50, help="K, concepts per kind")
   p.add_argument("--sigma", default="mlp", choices=["identity", "linear", "mlp"])
+  p.add_argument("--sigma_dim", type=int, default=0, help="0: the encoder width D")
+  p.add_argument("--decoder_hidden", type=int, default=512)
+  p.add_argument("--proj_hidden", type=int, default=512)
+  p.add_argument("--proj_dim", type=int, default=128)
   p.add_argument("--queue", type=int, default=1024, help="rows of the code queue")
   p.add_argument("--topk", type=int, default=10, help="K_valid of the local loss")
+  p.add_argument("--topk_rule", default="strict", choices=["strict", "exact"],
+                 help="the authors' '>' against the k-th score, or the exact top-k")
   p.add_argument("--encoder", default="ours", choices=["ours", "torchvision"])
   p.add_argument("--amp", default="none", choices=["none", "bf16"],
                  help="autocast compute dtype (parameters stay float32)")
@@ -98,7 +114,9 @@ def build_model(args) -> ref.TorchCVC:
     encoder = TorchVideoResNet("r2plus1d", blocks=blocks, width=args.width)
   dim = args.width * 8
   return ref.TorchCVC(encoder, dim=dim, concepts=args.concepts, sigma=args.sigma,
-                      sigma_dim=dim, queue_size=args.queue)
+                      sigma_dim=args.sigma_dim or dim, decoder_hidden=args.decoder_hidden,
+                      proj_hidden=args.proj_hidden, proj_dim=args.proj_dim,
+                      queue_size=args.queue)
 
 
 @torch.no_grad()
@@ -126,7 +144,7 @@ def swapped_prediction(codes, sk_input, views):
   return total / len(views)
 
 
-def total_loss(model: ref.TorchCVC, views, queue, topk: int):
+def total_loss(model: ref.TorchCVC, views, queue, topk: int, strict: bool):
   """The total of every term of SPEC section 4 at a late epoch; the codes to queue.
 
   views: [B, 6, 3, T, S, S]; queue: [Q, 6, 2K]. Follows `ref.loss_terms`.
@@ -157,83 +175,130 @@ def total_loss(model: ref.TorchCVC, views, queue, topk: int):
   parts = (codes[:, 0:2], codes[:, 2:4, :k], codes[:, 4:6, k:])
   for i, (tmpl, part) in enumerate(zip(templates, parts)):
     loss = loss + ref.local_concept_contrast(model.lit, maps[:, 2 * i:2 * i + 2], tmpl,
-                                             part, topk, strict=True)
+                                             part, topk, strict)
   return loss, codes.detach()
+
+
+class TorchStep:
+  """The model, optimiser and views of `args` on one device, ready to time.
+
+  Calling it runs one training step to completion; `result(times)` makes the
+  `benchmark.Result`. Building it counts the FLOPs of one eager step and runs
+  one step of the timed kind (which compiles under --compile).
+  """
+
+  def __init__(self, args):
+    self.args = args
+    self.device = device = torch.device(args.device)
+    torch.manual_seed(0)
+    self.model = model = build_model(args).to(device).train()
+    fmt = torch.channels_last_3d if args.channels_last else torch.contiguous_format
+    if args.channels_last:
+      model.backbone.to(memory_format=fmt)
+    # torch Adam adds the weight decay to the gradient, as the authors ran it.
+    self.opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5,
+                                fused=device.type == "cuda")
+    b, t, s = args.batch_size, args.frames, args.size
+    views = torch.randn(b * 6, 3, t, s, s, device=device).contiguous(memory_format=fmt)
+    self.views = views.view(b, 6, 3, t, s, s)
+    self.queue = torch.randn(args.queue, 6, 2 * args.concepts, device=device)
+    self.loss_fn = torch.compile(total_loss) if args.compile else total_loss
+    if device.type == "cuda":
+      torch.cuda.reset_peak_memory_stats(device)
+    # FLOPs of one eager step, counted from the operators' shapes.
+    counter = FlopCounterMode(display=False)
+    with counter:
+      self._step(total_loss)
+    self.flops = float(counter.get_total_flops())
+    self._sync()
+    start = time.perf_counter()
+    self()
+    self.compile_time = time.perf_counter() - start
+
+  def _sync(self):
+    if self.device.type == "cuda":
+      torch.cuda.synchronize(self.device)
+
+  def _step(self, loss_fn):
+    b = self.args.batch_size
+    self.model.normalize_prototypes_()
+    self.opt.zero_grad(set_to_none=True)
+    with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                        enabled=self.args.amp == "bf16"):
+      loss, codes = loss_fn(self.model, self.views, self.queue, self.args.topk,
+                            self.args.topk_rule == "strict")
+    loss.backward()
+    self.opt.step()
+    self.queue = torch.cat([self.queue[b:], codes], dim=0)
+    return loss
+
+  def __call__(self) -> None:
+    self.loss = self._step(self.loss_fn)
+    self._sync()
+
+  def result(self, times: list[float]) -> benchmark.Result:
+    args = self.args
+    if not torch.isfinite(self.loss):
+      print("Warning: the last step's loss is not finite.", file=sys.stderr)
+    if self.device.type == "cuda":
+      kind = torch.cuda.get_device_name(self.device)
+      memory = torch.cuda.max_memory_allocated(self.device)
+      memory_source = "torch allocator peak"
+    else:
+      kind = "cpu"
+      memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+      memory_source = "process peak RSS, host"
+    dtype = "bfloat16" if args.amp == "bf16" else "float32"
+    tuned = [n for n, on in (("AMP bf16", args.amp == "bf16"),
+                             ("channels_last", args.channels_last),
+                             ("torch.compile", args.compile)) if on]
+    return benchmark.Result(
+        framework=f"torch {torch.__version__}", device_kind=kind, device_count=1,
+        dtype=dtype, global_batch=args.batch_size,
+        clip_shape=(args.frames, args.size, args.size), step_times_s=times,
+        flops_per_step=self.flops, flops_source="torch flop_counter",
+        peak_tflops_per_device=benchmark.peak_tflops(kind, dtype),
+        peak_memory_bytes=int(memory), peak_memory_source=memory_source,
+        compile_time_s=self.compile_time,
+        notes=("fwd+bwd+Adam on prebuilt views, " + (", ".join(tuned) or "eager") +
+               f", {args.encoder} encoder; compile time = first timed-kind step"))
+
+
+def load_config(path: str):
+  """`get_config(variants)` of a cvc_jax config file given as FILE[:variants]."""
+  path, _, variants = path.partition(":")
+  spec = importlib.util.spec_from_file_location("_benchmark_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variants or None)
+
+
+def config_flags(config) -> list[str]:
+  """The flags that give the batch shape and model of a cvc_jax config."""
+  c, m = config, config.model
+  if m.encoder.arch != "r2plus1d" or m.separate_encoders:
+    raise ValueError("The PyTorch baseline has one shared R(2+1)D only.")
+  return [
+      f"--batch_size={c.batch_size}", f"--frames={c.input.num_frames}",
+      f"--size={c.input.crop_size}", f"--blocks={','.join(map(str, m.encoder.blocks))}",
+      f"--width={m.encoder.width}", f"--concepts={m.num_concepts}", f"--sigma={m.sigma}",
+      f"--sigma_dim={m.sigma_dim}", f"--decoder_hidden={m.decoder_hidden}",
+      f"--proj_hidden={m.proj_hidden}", f"--proj_dim={m.proj_dim}",
+      f"--queue={c.loss.queue_size}", f"--topk={c.loss.loc_topk}",
+      f"--topk_rule={'strict' if c.loss.loc_topk_strict else 'exact'}",
+      f"--amp={'bf16' if c.dtype == 'bfloat16' else 'none'}"]
+
+
+def args_from_config(config, extra=()) -> argparse.Namespace:
+  """The arguments for a cvc_jax config, then `extra` flags over them."""
+  return parse_args(config_flags(config) + list(extra))
 
 
 def run(args) -> benchmark.Result:
   """Builds the model and optimiser, then times `args.steps` training steps."""
-  device = torch.device(args.device)
-  torch.manual_seed(0)
-  model = build_model(args).to(device).train()
-  fmt = torch.channels_last_3d if args.channels_last else torch.contiguous_format
-  if args.channels_last:
-    model.backbone.to(memory_format=fmt)
-  # torch Adam adds the weight decay to the gradient, as the authors ran it.
-  opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5,
-                         fused=device.type == "cuda")
-  b, t, s = args.batch_size, args.frames, args.size
-  views = torch.randn(b * 6, 3, t, s, s, device=device).contiguous(memory_format=fmt)
-  views = views.view(b, 6, 3, t, s, s)
-  queue = torch.randn(args.queue, 6, 2 * args.concepts, device=device)
-  amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
-  loss_fn = torch.compile(total_loss) if args.compile else total_loss
-
-  def step(queue, fn=loss_fn):
-    model.normalize_prototypes_()
-    opt.zero_grad(set_to_none=True)
-    with amp:
-      loss, codes = fn(model, views, queue, args.topk)
-    loss.backward()
-    opt.step()
-    return torch.cat([queue[b:], codes], dim=0), loss
-
-  sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-  if device.type == "cuda":
-    torch.cuda.reset_peak_memory_stats()
-  # FLOPs of one eager step, counted by the operators' shapes.
-  counter = FlopCounterMode(display=False)
-  with counter:
-    queue, _ = step(queue, fn=total_loss)
-  flops = float(counter.get_total_flops())
-  sync()
-
-  start = time.perf_counter()
-  queue, _ = step(queue)  # the first call compiles under --compile
-  sync()
-  first_step = time.perf_counter() - start
-  for _ in range(max(args.warmup - 1, 0)):
-    queue, _ = step(queue)
-  sync()
-  times = []
-  for _ in range(args.steps):
-    start = time.perf_counter()
-    queue, loss = step(queue)
-    sync()
-    times.append(time.perf_counter() - start)
-  if not torch.isfinite(loss):
-    print("Warning: the last step's loss is not finite.", file=sys.stderr)
-
-  if device.type == "cuda":
-    kind = torch.cuda.get_device_name(device)
-    memory, memory_source = torch.cuda.max_memory_allocated(device), "torch allocator peak"
-  else:
-    kind = "cpu"
-    memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    memory_source = "process peak RSS, host"
-  dtype = "bfloat16" if args.amp == "bf16" else "float32"
-  tuned = [n for n, on in (("AMP bf16", args.amp == "bf16"),
-                           ("channels_last", args.channels_last),
-                           ("torch.compile", args.compile)) if on]
-  return benchmark.Result(
-      framework=f"torch {torch.__version__}", device_kind=kind, device_count=1,
-      dtype=dtype, global_batch=b, clip_shape=(t, s, s), step_times_s=times,
-      flops_per_step=flops, flops_source="torch flop_counter",
-      peak_tflops_per_device=benchmark.peak_tflops(kind, dtype),
-      peak_memory_bytes=int(memory), peak_memory_source=memory_source,
-      compile_time_s=first_step,
-      notes=("fwd+bwd+Adam on prebuilt views, " + (", ".join(tuned) or "eager fp32") +
-             f", {args.encoder} encoder; compile time = first step"))
+  step = TorchStep(args)
+  return step.result(benchmark.time_steps(step, steps=args.steps,
+                                          warmup=max(args.warmup - 1, 0)))
 
 
 def main(argv=None):

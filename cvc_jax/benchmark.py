@@ -55,16 +55,25 @@ PEAK_TFLOPS = (
     ("tpu v6", (918.0, 918.0)),  # v6e: "TPU v6 lite"
 )
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally with variants after ':'.", lock_config=True)
-flags.DEFINE_integer("steps", 20, "Timed steps (the spread is over these).")
-flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-flags.DEFINE_enum("remat", "none", ["none", "dots"],
-                  "Rematerialisation: 'dots' keeps only convolution and matmul "
-                  "outputs for the backward pass and recomputes norms and "
-                  "activations, for a larger batch in the same memory.")
-flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines this program's flags; called by entry points only, so that importing
+  the module (as tests and benchmarks/ do) defines nothing next to cvc_jax.main."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Config file, optionally with variants after ':'.",
+      flag_values=flag_values, lock_config=True)
+  flags.DEFINE_integer("steps", 20, "Timed steps (the spread is over these).",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.",
+                       flag_values=flag_values)
+  flags.DEFINE_enum("remat", "none", ["none", "dots"],
+                    "Rematerialisation: 'dots' keeps only convolution and matmul "
+                    "outputs for the backward pass and recomputes norms and "
+                    "activations, for a larger batch in the same memory.",
+                    flag_values=flag_values)
+  flags.DEFINE_string("json", None, "Also write the results to this JSON file.",
+                      flag_values=flag_values)
 
 
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
@@ -178,12 +187,107 @@ def _memory(device) -> tuple[int | None, str]:
   return int(rss), "process peak RSS, host"
 
 
+class TrainStep:
+  """The compiled train step of a config on every visible device, ready to time.
+
+  Calling it runs one step to completion; `result(times)` makes the `Result`.
+
+  Args:
+    config: a full pretraining config (reads `batch_size`, `dtype`, `input`, ...).
+    remat: 'none' or 'dots' (see the --remat flag).
+    log: where progress lines go.
+  """
+
+  def __init__(self, config, *, remat: str = "none", log=print):
+    self.config, self.remat, self.log = config, remat, log
+    self.devices = jax.devices()
+    mesh = Mesh(np.asarray(self.devices), ("data",))
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    b, t = config.batch_size, config.input.num_frames
+    if b % len(self.devices):
+      raise ValueError(f"batch_size {b} must be divisible by the {len(self.devices)} "
+                       "devices.")
+    (h, w), s = config.input.raw_size, config.input.crop_size
+    # Epoch = step: from `steady_epoch` on every term and the queue are on.
+    steps_per_epoch = 1
+    steady_epoch = max(config.loss.loc_start_epoch, config.loss.queue_start_epoch,
+                       config.loss.freeze_prototypes_epochs)
+
+    state = jax.jit(lambda rng: pretrain.create_train_state(
+        config, rng, (b, CLIPS_PER_VIDEO, t, s, s, 3), steps_per_epoch),
+                    out_shardings=replicated)(jax.random.key(config.seed))
+    state = state.replace(step=jax.device_put(np.int32(steady_epoch), replicated))
+    if remat == "dots":
+      state = state.replace(model=_RematModel(state.model))
+    elif remat != "none":
+      raise ValueError(f"remat must be 'none' or 'dots', got {remat!r}.")
+
+    frames = np.random.default_rng(0).integers(0, 256, (b, 2 * t, h, w, 3), np.uint8)
+    self.batch = {
+        "frames": jax.device_put(frames, batch_sharding),
+        "sizes": jax.device_put(np.tile(np.int32([h, w]), (b, 1)), batch_sharding)}
+    self.rng = jax.device_put(jax.random.key(config.seed + 1), replicated)
+
+    # The step of `pretrain.train_and_evaluate`, views included.
+    def step_fn(state, batch, rng):
+      views = views_lib.pretrain_views(
+          batch["frames"], jax.random.fold_in(rng, state.step), config, batch["sizes"])
+      return pretrain.train_step(state, views, config, steps_per_epoch)
+
+    p_step = jax.jit(step_fn, donate_argnums=(0,),
+                     in_shardings=(replicated, batch_sharding, replicated),
+                     out_shardings=(replicated, replicated))
+    log(f"Compiling the step: {b} videos on {len(self.devices)} x "
+        f"{self.devices[0].device_kind}.")
+    start = time.perf_counter()
+    self.compiled = p_step.lower(state, self.batch, self.rng).compile()
+    self.compile_time = time.perf_counter() - start
+    self.state = state
+    # SPMD programs are per device: the cost analysis counts one device's share.
+    cost = self.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = cost.get("flops") if cost else None
+    self.flops = flops * len(self.devices) if flops and flops > 0 else None
+
+  def __call__(self) -> None:
+    self.state, metrics = self.compiled(self.state, self.batch, self.rng)
+    jax.block_until_ready((self.state, metrics))
+    if not bool(metrics["finite"]):
+      self.log("Warning: a step had a non-finite loss (the state was kept).")
+
+  def result(self, times: list[float]) -> Result:
+    memory, memory_source = _memory(self.devices[0])
+    kind, c = self.devices[0].device_kind, self.config
+    notes = "views+fwd+bwd+Adam, frames on device"
+    if self.remat != "none":
+      notes += f", remat={self.remat}"
+    return Result(
+        framework=f"jax {jax.__version__}", device_kind=kind,
+        device_count=len(self.devices), dtype=c.dtype, global_batch=c.batch_size,
+        clip_shape=(c.input.num_frames, c.input.crop_size, c.input.crop_size),
+        step_times_s=times, flops_per_step=self.flops, flops_source="XLA cost analysis",
+        peak_tflops_per_device=peak_tflops(kind, c.dtype), peak_memory_bytes=memory,
+        peak_memory_source=memory_source, compile_time_s=self.compile_time, notes=notes)
+
+
+def time_steps(step, *, steps: int, warmup: int) -> list[float]:
+  """Runs `warmup` untimed calls of `step`, then returns the wall time of `steps`."""
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return times
+
+
 def run(config, *, steps: int = 20, warmup: int = 2, remat: str = "none",
         log=print) -> Result:
   """Compiles and times the train step of `config` on every visible device.
 
   Args:
-    config: a full pretraining config (reads `batch_size`, `dtype`, `input`, ...).
+    config: a full pretraining config.
     steps: timed steps; the table gives their median and spread.
     warmup: untimed steps after compilation.
     remat: 'none' or 'dots' (see the --remat flag).
@@ -192,74 +296,8 @@ def run(config, *, steps: int = 20, warmup: int = 2, remat: str = "none",
   Returns:
     The `Result`.
   """
-  devices = jax.devices()
-  mesh = Mesh(np.asarray(devices), ("data",))
-  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  b, t = config.batch_size, config.input.num_frames
-  if b % len(devices):
-    raise ValueError(f"batch_size {b} must be divisible by the {len(devices)} devices.")
-  (h, w), s = config.input.raw_size, config.input.crop_size
-  # Epoch = step: from `steady_epoch` on every term and the queue are on.
-  steps_per_epoch = 1
-  steady_epoch = max(config.loss.loc_start_epoch, config.loss.queue_start_epoch,
-                     config.loss.freeze_prototypes_epochs)
-
-  state = jax.jit(lambda rng: pretrain.create_train_state(
-      config, rng, (b, CLIPS_PER_VIDEO, t, s, s, 3), steps_per_epoch),
-                  out_shardings=replicated)(jax.random.key(config.seed))
-  state = state.replace(step=jax.device_put(np.int32(steady_epoch), replicated))
-  if remat == "dots":
-    state = state.replace(model=_RematModel(state.model))
-  elif remat != "none":
-    raise ValueError(f"remat must be 'none' or 'dots', got {remat!r}.")
-
-  frames = np.random.default_rng(0).integers(0, 256, (b, 2 * t, h, w, 3), np.uint8)
-  batch = {"frames": jax.device_put(frames, batch_sharding),
-           "sizes": jax.device_put(np.tile(np.int32([h, w]), (b, 1)), batch_sharding)}
-  rng = jax.device_put(jax.random.key(config.seed + 1), replicated)
-
-  # The step of `pretrain.train_and_evaluate`, views included.
-  def step_fn(state, batch, rng):
-    views = views_lib.pretrain_views(batch["frames"], jax.random.fold_in(rng, state.step),
-                                     config, batch["sizes"])
-    return pretrain.train_step(state, views, config, steps_per_epoch)
-
-  p_step = jax.jit(step_fn, donate_argnums=(0,),
-                   in_shardings=(replicated, batch_sharding, replicated),
-                   out_shardings=(replicated, replicated))
-  log(f"Compiling the step: {b} videos on {len(devices)} x {devices[0].device_kind}.")
-  start = time.perf_counter()
-  compiled = p_step.lower(state, batch, rng).compile()
-  compile_time = time.perf_counter() - start
-  # SPMD programs are per device: the cost analysis counts one device's share.
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = cost.get("flops") if cost else None
-  flops = flops * len(devices) if flops and flops > 0 else None
-
-  for _ in range(warmup):
-    state, metrics = compiled(state, batch, rng)
-  jax.block_until_ready(state)
-  times = []
-  for i in range(steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch, rng)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
-    if not bool(metrics["finite"]):
-      log(f"Warning: step {i} had a non-finite loss (the state was kept).")
-  memory, memory_source = _memory(devices[0])
-  notes = "views+fwd+bwd+Adam, frames on device"
-  if remat != "none":
-    notes += f", remat={remat}"
-  return Result(
-      framework=f"jax {jax.__version__}", device_kind=devices[0].device_kind,
-      device_count=len(devices), dtype=config.dtype, global_batch=b,
-      clip_shape=(t, s, s), step_times_s=times, flops_per_step=flops,
-      flops_source="XLA cost analysis", peak_tflops_per_device=peak_tflops(
-          devices[0].device_kind, config.dtype),
-      peak_memory_bytes=memory, peak_memory_source=memory_source,
-      compile_time_s=compile_time, notes=notes)
+  step = TrainStep(config, remat=remat, log=log)
+  return step.result(time_steps(step, steps=steps, warmup=warmup))
 
 
 def write_json(result: Result, path: str) -> None:
@@ -268,15 +306,17 @@ def write_json(result: Result, path: str) -> None:
     json.dump(result.to_json(), f, indent=2)
 
 
-def main(argv):
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  result = run(FLAGS.config, steps=FLAGS.steps, warmup=FLAGS.warmup, remat=FLAGS.remat,
+  fv = flag_values
+  result = run(fv.config, steps=fv.steps, warmup=fv.warmup, remat=fv.remat,
                log=lambda m: print(m, file=sys.stderr, flush=True))
   print(format_table(result))
-  if FLAGS.json:
-    write_json(result, FLAGS.json)
+  if fv.json:
+    write_json(result, fv.json)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

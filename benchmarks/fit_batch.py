@@ -1,0 +1,103 @@
+r"""The largest batch whose JAX train step fits the device's memory, then timed.
+
+    python benchmarks/fit_batch.py --config=configs/ucf101.py \
+        --config.dtype=bfloat16 [--remat=dots] --min_batch=16 --json=FILE
+
+Compiles the step at `min_batch` and `2 * min_batch` videos and reads XLA's
+memory analysis of each (arguments + outputs + temporaries - donated aliases);
+memory grows linearly in the batch, so the two give the largest batch under
+`--fraction` of the device's memory limit, rounded down to `--multiple`. That
+batch is compiled (and stepped down while its analysis is over the limit), then
+timed as `python -m cvc_jax.benchmark` times it. Compiling, not running, keeps a
+batch that does not fit from ever allocating. Flags: those of
+`cvc_jax.benchmark` and the ones below.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import jax
+
+from cvc_jax import benchmark
+
+FLAGS = flags.FLAGS
+benchmark.define_flags()
+_MIN_BATCH = flags.DEFINE_integer("min_batch", 16, "Smallest batch to accept.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 1024, "Largest batch to try.")
+_MULTIPLE = flags.DEFINE_integer("multiple", 8, "Round the batch down to this.")
+_FRACTION = flags.DEFINE_float("fraction", 0.9, "Share of the memory limit to fill.")
+_LIMIT_GB = flags.DEFINE_float(
+    "memory_limit_gb", None, "Memory limit per device in GiB; default: the device "
+    "allocator's bytes_limit (GPU, TPU). Required on CPU.")
+
+
+def _log(message):
+  print(message, file=sys.stderr, flush=True)
+
+
+def with_batch(config, batch):
+  """A copy of the (locked) config with another global batch size."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.batch_size = batch
+  return config
+
+
+def compiled_bytes(step: benchmark.TrainStep) -> int:
+  """Bytes one device needs for the compiled step, by XLA's memory analysis."""
+  m = step.compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes +
+             m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def fit(config, *, remat, min_batch, max_batch, multiple, limit) -> tuple[
+    benchmark.TrainStep, str]:
+  """The compiled step at the largest batch under `limit` bytes, and how it was found."""
+  b1, b2 = min_batch, 2 * min_batch
+  m1 = compiled_bytes(benchmark.TrainStep(with_batch(config, b1), remat=remat, log=_log))
+  m2 = compiled_bytes(benchmark.TrainStep(with_batch(config, b2), remat=remat, log=_log))
+  per_video = max((m2 - m1) / (b2 - b1), 1.0)
+  batch = int(b1 + (limit - m1) / per_video) // multiple * multiple
+  batch = max(min(batch, max_batch), min_batch)
+  _log(f"Memory at batch {b1}: {m1 / 2**30:.2f} GiB, at {b2}: {m2 / 2**30:.2f} GiB; "
+       f"limit {limit / 2**30:.2f} GiB -> batch {batch}.")
+  while True:
+    step = benchmark.TrainStep(with_batch(config, batch), remat=remat, log=_log)
+    need = compiled_bytes(step)
+    if need <= limit or batch - multiple < min_batch:
+      break
+    _log(f"Batch {batch} needs {need / 2**30:.2f} GiB: trying {batch - multiple}.")
+    batch -= multiple
+  how = (f"largest batch (multiple of {multiple}) within {limit / 2**30:.1f} GiB by "
+         f"XLA memory analysis: {need / 2**30:.2f} GiB")
+  if need > limit:
+    how = f"batch {batch} needs {need / 2**30:.2f} GiB, over {limit / 2**30:.1f} GiB"
+  return step, how
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _LIMIT_GB.value:
+    limit = _LIMIT_GB.value * 2**30
+  else:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+      raise app.UsageError("This device reports no memory limit: pass --memory_limit_gb.")
+    limit = stats["bytes_limit"]
+  step, how = fit(FLAGS.config, remat=FLAGS.remat, min_batch=_MIN_BATCH.value,
+                  max_batch=_MAX_BATCH.value, multiple=_MULTIPLE.value,
+                  limit=_FRACTION.value * limit)
+  result = step.result(benchmark.time_steps(step, steps=FLAGS.steps, warmup=FLAGS.warmup))
+  result.notes += "; " + how
+  print(benchmark.format_table(result))
+  if FLAGS.json:
+    benchmark.write_json(result, FLAGS.json)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Both train-step benchmarks on one GPU, for benchmarks/RESULTS.md: the JAX step of
+# the default config (configs/ucf101.py: R(2+1)D-18 [2,2,2,2], 16x112x112) in bf16
+# at the largest batch that fits (>= 16 videos), with and without rematerialisation,
+# and the PyTorch baseline at that batch, tuned (AMP bf16, channels_last,
+# torch.compile) and as the authors ran it (fp32, eager).
+#
+# The GPU machine has no internet and lacks dm-pix and ml-collections (pure-Python
+# wheels). With internet, from the repository root, once:
+#     bash benchmarks/gpu_run.sh --fetch     # wheels into .whl/ (git-ignored there)
+# then on the GPU machine (device tool: carry [".whl"]), from the repository root:
+#     OUT=$OUT bash benchmarks/gpu_run.sh
+# Results: $OUT/*.json and $OUT/summary.md (the table for RESULTS.md), log in $OUT/log.
+# The stages' timeouts add up to 590 s, inside one 10-minute call; the remat stage
+# comes last and is the one to lose. To split it over two calls: STAGES="1 2", then
+# STAGES="3 4" BATCH=<stage 1's batch>. For a dry run on a CPU:
+#     CONFIG=configs/reference.py:runlocal MIN_BATCH=2 MEMORY_LIMIT_GB=1 STEPS=3 \
+#       TORCH_EXTRA=--device=cpu OUT=/tmp/gpu_dry bash benchmarks/gpu_run.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "--fetch" ]]; then
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  exec python3 -m pip download --no-deps --only-binary=:all: -d .whl \
+      dm-pix==0.4.5 ml-collections==1.1.0
+fi
+
+OUT=${OUT:-/tmp/cvc_bench}
+CONFIG=${CONFIG:-configs/ucf101.py}
+MIN_BATCH=${MIN_BATCH:-16}
+STEPS=${STEPS:-20}
+TORCH_EXTRA=${TORCH_EXTRA:-}
+LIMIT=${MEMORY_LIMIT_GB:+--memory_limit_gb=$MEMORY_LIMIT_GB}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log") 2>&1
+
+# Pure-Python packages the machine lacks, from the carried wheels.
+if ! python3 -c "import dm_pix, ml_collections" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cvc_site \
+      .whl/*.whl || { echo "No wheels: run 'bash benchmarks/gpu_run.sh --fetch' first."; exit 1; }
+  export PYTHONPATH=/tmp/cvc_site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# JAX may take 95% of the GPU (its default is 75%); each stage is its own process,
+# so JAX and PyTorch never hold the GPU at the same time.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices()[0].device_kind, \
+'| torch', torch.__version__)"
+date -u
+
+STAGES=${STAGES:-1 2 3 4}
+stage() {  # stage NAME TIMEOUT_S COMMAND...: run, report, never stop the script
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (timeout ${limit}s): $*"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee /tmp/cvc_stage.log
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - start)) s"
+  return "$rc"
+}
+
+# 1) JAX, bf16, the largest batch XLA's memory analysis says fits, timed.
+if [[ " $STAGES " == *" 1 "* ]]; then
+  stage jax_bf16 200 python3 benchmarks/fit_batch.py --config="$CONFIG" \
+      --config.dtype=bfloat16 --min_batch="$MIN_BATCH" --steps="$STEPS" $LIMIT \
+      --json="$OUT/1_jax_bf16.json"
+fi
+BATCH=${BATCH:-$(python3 -c "import json; print(json.load(open('$OUT/1_jax_bf16.json'))\
+['global_batch'])" 2>/dev/null || echo "$MIN_BATCH")}
+
+# 2) and 3) PyTorch at the same batch, halved while it runs out of memory.
+torch_run() {  # torch_run NAME TIMEOUT_S FLAGS...
+  local name=$1 limit=$2; shift 2
+  local b=$BATCH
+  while (( b >= 1 )); do
+    stage "$name (batch $b)" "$limit" python3 benchmarks/torch_baseline.py \
+        --config="$CONFIG" --batch_size="$b" --steps="$STEPS" "$@" $TORCH_EXTRA \
+        --json="$OUT/$name.json" && return 0
+    grep -q "OutOfMemoryError" /tmp/cvc_stage.log || return 1
+    b=$((b / 2))
+  done
+}
+ENCODER=--encoder=torchvision
+python3 -c "import torchvision" 2>/dev/null || ENCODER=--encoder=ours
+[[ " $STAGES " == *" 2 "* ]] && torch_run 2_torch_bf16_tuned 150 $ENCODER --amp=bf16 \
+    --channels_last --compile
+[[ " $STAGES " == *" 3 "* ]] && torch_run 3_torch_fp32_authors 90 $ENCODER --amp=none
+
+# 4) JAX, bf16, rematerialising all but convolution and matmul outputs: a larger batch.
+if [[ " $STAGES " == *" 4 "* ]]; then
+  stage jax_bf16_remat 150 python3 benchmarks/fit_batch.py --config="$CONFIG" \
+      --config.dtype=bfloat16 --remat=dots --min_batch="$MIN_BATCH" --steps="$STEPS" \
+      $LIMIT --json="$OUT/4_jax_bf16_remat.json"
+fi
+
+python3 benchmarks/summarize.py "$OUT"/[0-9]_*.json | tee "$OUT/summary.md"
