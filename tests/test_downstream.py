@@ -123,3 +123,26 @@ def test_demo_compares_pretrained_and_random_on_both_labels(tmp_path, data_dir):
     results = json.load(f)
   assert set(results) == {f"{e}/{l}" for e in ("pretrained", "random init")
                           for l in ("label_static", "label_dynamic")}
+
+
+def test_finetune_resumes_where_an_uninterrupted_run_ends(tmp_path, data_dir):
+  """Finetune 2 epochs at once, or 1 epoch and then the same command for 2."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from configs.eval import ucf101_finetune  # pylint: disable=g-import-not-at-top
+
+  def run(workdir, num_epochs):
+    config = _tiny(ucf101_finetune.get_config("runlocal"), data_dir, batch_size=8,
+                   num_epochs=num_epochs, checkpoint_every_steps=100)
+    return classify.train_and_evaluate(config, str(workdir))
+
+  whole = run(tmp_path / "whole", 2)
+  run(tmp_path / "parts", 1)
+  assert max(map(int, os.listdir(tmp_path / "parts" / "checkpoints"))) == 2  # 16 / 8
+  parts = run(tmp_path / "parts", 2)
+  restore = lambda d: ocp.StandardCheckpointer().restore(
+      str(tmp_path / d / "checkpoints" / "4" / "default"))
+  leaves = zip(jax.tree_util.tree_leaves(restore("whole")),
+                    jax.tree_util.tree_leaves(restore("parts")))
+  for a, b in leaves:
+    np.testing.assert_array_equal(a, b)
+  assert whole == parts

@@ -17,7 +17,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
+from cvc_jax import pretrain
 from cvc_jax import views as views_lib
 from cvc_jax.downstream import evaluate
 from cvc_jax.downstream import metrics
@@ -62,10 +64,14 @@ def _optimizer(config, steps_per_epoch: int, linear: bool):
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Finetunes (config.mode 'finetune') or linear-probes ('linear'), then tests.
 
+  Resumes from the newest checkpoint in workdir/checkpoints (saved every
+  config.checkpoint_every_steps, at the end, and on SIGTERM); batches and dropout
+  depend only on (seed, step), so a resumed run ends where an uninterrupted one does.
+
   Returns:
     The results dict also written to workdir/results.json.
   """
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   from cvc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
   linear = config.mode == "linear"
@@ -105,17 +111,44 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), new_stats, opt_state), loss
 
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=2, save_interval_steps=config.checkpoint_every_steps,
+          cleanup_tmp_directories=True))
+  start_step = 0
+  if manager.latest_step() is not None:
+    start_step = manager.latest_step()
+    target = dict(step=0, state=state)
+    state = manager.restore(start_step, args=ocp.args.StandardRestore(
+        pretrain._abstract(target)))["state"]  # pylint: disable=protected-access
+    logging.info("Resumed %s from step %d of %d.", config.mode, start_step, total_steps)
+
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   rng = jax.random.key(config.seed + 1)
-  batches = input_pipeline.train_clip_batches(config)
-  for i in range(total_steps):
-    local = next(batches)
-    batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
-             for k in ("frames", "sizes", "label")}
-    state, loss = step(state, batch, jax.random.fold_in(rng, i))
-    if (i + 1) % config.log_every_steps == 0 or i + 1 == total_steps:
-      writer.write_scalars(i + 1, {"train_loss": float(loss)})
+  batches = input_pipeline.train_clip_batches(config, start_step=start_step)
+  stop = pretrain._StopSignal()  # pylint: disable=protected-access
+  try:
+    for i in range(start_step, total_steps):
+      local = next(batches)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
+               for k in ("frames", "sizes", "label")}
+      state, loss = step(state, batch, jax.random.fold_in(rng, i))
+      report(i + 1)
+      if (i + 1) % config.log_every_steps == 0 or i + 1 == total_steps:
+        writer.write_scalars(i + 1, {"train_loss": float(loss)})
+      if stop.received or i + 1 == total_steps or manager.should_save(i + 1):
+        manager.save(i + 1, args=ocp.args.StandardSave(dict(step=i + 1, state=state)),
+                     force=True)
+      if stop.received:
+        logging.warning("Stopped at step %d after a preemption signal; run the same "
+                        "command again to resume.", i + 1)
+        return {}
+  finally:
+    manager.wait_until_finished()
+    stop.restore()
 
   params, batch_stats, _ = state
   variables = {"params": params, "batch_stats": batch_stats}
