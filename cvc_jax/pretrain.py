@@ -191,11 +191,20 @@ class TrainState:
   model: nn.Module = flax.struct.field(pytree_node=False)
 
 
+def initial_variables(config, rng: jax.Array, views_shape) -> dict[str, Any]:
+  """The model's variables as `create_train_state(config, rng, ...)` starts them
+  (before the prototypes are normalised): the demo's random baseline is the
+  pretrained encoder's own initialisation."""
+  init_rng, _ = jax.random.split(rng)
+  return cvc.build_model(config).init(init_rng, jnp.zeros(views_shape, jnp.float32),
+                                      train=False)
+
+
 def create_train_state(config, rng: jax.Array, views_shape, steps_per_epoch: int) -> TrainState:
   """Initialises the model, optimiser and a random queue (as the reference's buffer)."""
   model = cvc.build_model(config)
-  init_rng, queue_rng = jax.random.split(rng)
-  variables = model.init(init_rng, jnp.zeros(views_shape, jnp.float32), train=False)
+  variables = initial_variables(config, rng, views_shape)
+  _, queue_rng = jax.random.split(rng)
   params = normalize_prototypes(variables["params"])
   tx = make_optimizer(config, steps_per_epoch)
   queue = jax.random.normal(

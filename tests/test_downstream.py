@@ -108,7 +108,7 @@ def test_demo_compares_pretrained_and_random_on_both_labels(tmp_path, data_dir):
   from cvc_jax.downstream import demo  # pylint: disable=g-import-not-at-top
   config = _tiny(demo_config.get_config(), data_dir, batch_size=8)
   t, s = config.input.num_frames, config.input.crop_size
-  rng = jax.random.key(0)
+  rng = jax.random.key(config.seed)  # as pretraining starts
   state = pretrain.create_train_state(config, rng, (8, 6, t, s, s, 3), 2)
   workdir = str(tmp_path)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -123,6 +123,10 @@ def test_demo_compares_pretrained_and_random_on_both_labels(tmp_path, data_dir):
     results = json.load(f)
   assert set(results) == {f"{e}/{l}" for e in ("pretrained", "random init")
                           for l in ("label_static", "label_dynamic")}
+  # A checkpoint of step 0 is the baseline itself: the random encoder is the
+  # initialisation the pretraining started from.
+  for label in ("label_static", "label_dynamic"):
+    assert results[f"pretrained/{label}"] == results[f"random init/{label}"]
 
 
 def test_finetune_resumes_where_an_uninterrupted_run_ends(tmp_path, data_dir):
