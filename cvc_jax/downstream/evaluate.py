@@ -77,6 +77,7 @@ def clip_averaged(config, per_clip: Callable, variables, *, split: str,
     (outputs [V, X] in video order, labels int [V]).
   """
   from cvc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  import tqdm  # pylint: disable=g-import-not-at-top
   mesh = _mesh()
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
@@ -89,9 +90,11 @@ def clip_averaged(config, per_clip: Callable, variables, *, split: str,
 
   variables = jax.device_put(variables, replicated)
   rows = {"out": [], "video_index": [], "mask": [], "label": []}
-  for local in input_pipeline.eval_batches(config, split=split,
-                                           num_clips=config.eval.num_clips,
-                                           label_key=label_key):
+  batches = input_pipeline.eval_batches(config, split=split, num_clips=config.eval.num_clips,
+                                        label_key=label_key)
+  for local in tqdm.tqdm(batches, total=input_pipeline.num_eval_batches(config, split),
+                         desc=f"{config.input.dataset} {split}", unit="batch",
+                         disable=jax.process_index() > 0):
     frames, sizes = (jax.make_array_from_process_local_data(batch_sharding, local[k])
                      for k in ("frames", "sizes"))
     out = multihost_utils.process_allgather(run(variables, frames, sizes), tiled=True)
