@@ -27,8 +27,11 @@ EXTRAS = {
     # Weight conversion from .pth files and the parity tests. Install the CPU build
     # explicitly (pip install torch==2.13.0); a bare "torch" may pull a CUDA build.
     "torch": ["torch>=2.9,<2.15"],
-    "notebooks": ["jupyter", "nbclient>=0.10", "matplotlib>=3.8"],
-    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    # Running notebooks/cvc_jax_colab.ipynb locally (Colab has these).
+    "notebooks": ["jupyter", "nbclient>=0.10,<0.12", "nbformat>=5.9,<6"],
+    # tests/test_notebook.py executes the notebook headless.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10,<0.12", "nbformat>=5.9,<6",
+             "ipykernel>=6.29,<8"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 
