@@ -156,17 +156,19 @@ from tfds_builders.synthetic_motion import synthetic_motion_dataset_builder as m
 
 video = os.path.join(WORKDIR, "video.npy")
 np.save(video, motion.make_video("test", VIDEO_INDEX)["video"])
-pictures = os.path.join(WORKDIR, "concepts")
-drawn = visualize.visualize(WORKDIR, video, pictures)
+picture_dir = os.path.join(WORKDIR, "concepts")
+drawn = visualize.visualize(WORKDIR, video, picture_dir)
 print("most active static concepts:", drawn["static"][0], "dynamic:", drawn["dynamic"][0])
-display(Image(filename=os.path.join(pictures, "concepts.png"), width=700))
-display(Image(filename=os.path.join(pictures, "concepts.gif"), width=700))"""
+display(Image(filename=os.path.join(picture_dir, "concepts.png"), width=700))
+display(Image(filename=os.path.join(picture_dir, "concepts.gif"), width=700))"""
 
 HISTOGRAM = """\
+from cvc_jax import pictures
+
 cvc_config, models, variables = visualize.load(WORKDIR)
 usage = visualize.concept_usage(cvc_config, models, variables, dataset=DATASET,
                                 split="test", data_dir=DATA_DIR, num_clips=NUM_CLIPS)
-png, _ = visualize.write_histogram(pictures, usage, f"{DATASET} test")
+png, _ = pictures.write_histogram(picture_dir, usage, f"{DATASET} test")
 display(Image(filename=png))"""
 
 EXPORT_MD = """\
