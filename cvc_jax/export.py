@@ -18,6 +18,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 import numpy as np
 
 from cvc_jax import convert
@@ -79,6 +80,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  logging.set_verbosity(logging.WARNING)  # orbax logs every array it reads
   for path in export(f.workdir, f.out, fmt=f.format, encoder=f.encoder, step=f.step):
     print(f"Wrote {path}")
 

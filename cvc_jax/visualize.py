@@ -400,6 +400,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  logging.set_verbosity(logging.WARNING)  # orbax logs every array it reads
   if not f.video and not f.dataset:
     raise app.UsageError("Give --video, --dataset or both.")
   if f.video:

@@ -226,3 +226,21 @@ def test_concept_usage_histogram_over_a_data_set(tmp_path, workdir):
   np.testing.assert_allclose([share[:8].sum(), share[8:].sum()], [1.0, 1.0])
   with Image.open(out / "histogram.png") as png:
     assert png.format == "PNG"
+
+
+def test_video_files_are_decoded_as_the_builders_decode_them(tmp_path):
+  import av  # pylint: disable=g-import-not-at-top
+  frames = motion.make_video("test", MOVING_VIDEOS[0])["video"][:10]
+  with av.open(str(tmp_path / "video.mp4"), "w") as container:
+    stream = container.add_stream("mpeg4", rate=25)
+    stream.width, stream.height, stream.pix_fmt = 48, 40, "yuv420p"
+    stream.bit_rate = 4_000_000
+    for frame in frames:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode())
+  got = visualize.read_video(str(tmp_path / "video.mp4"), max_frames=8)
+  assert got.shape == (8, 40, 48, 3) and got.dtype == np.uint8
+  assert np.abs(got.astype(float) - frames[:8]).mean() < 12  # lossy codec and JPEG
+  np.save(tmp_path / "video.npy", frames)
+  np.testing.assert_array_equal(visualize.read_video(str(tmp_path / "video.npy"), 8),
+                                frames[:8])
