@@ -36,7 +36,7 @@ _JSON_PREFIX = flags.DEFINE_string(
     "json_prefix", None, "Write PREFIX_jax.json and PREFIX_torch.json.")
 
 
-def run(config, *, steps: int, warmup: int, remat: str = "none", torch_args=()):
+def run(config, *, steps: int, warmup: int, remat: str | None = None, torch_args=()):
   """Builds both steps, then times `steps` of each in alternating pairs.
 
   Returns:

@@ -12,6 +12,11 @@ def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.dtype = "float32"  # compute dtype; "bfloat16" keeps float32 parameters and losses
+  # What the encoder's backward pass recomputes to save memory (a larger batch, 224
+  # px, R3D-34/50): "none" keeps every activation (fastest); "dots" keeps only
+  # convolution outputs per residual block and recomputes BatchNorm and ReLU;
+  # "blocks" keeps only each block's input (least memory, ~1 more forward pass).
+  c.remat = "none"
   c.num_epochs = 300
   c.batch_size = 64  # global, over all devices and hosts
   c.checkpoint_every_steps = 1000
@@ -45,6 +50,10 @@ def base() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.encoder = ml_collections.ConfigDict(
       dict(arch="r2plus1d", blocks=(2, 2, 2, 2), width=64, depth=18, bottleneck=False))
+  # How convolutions run, same parameters either way: "3d", "2d1d" ((1,k,k) and
+  # (k,1,1) kernels as 2D convolutions) or "auto" (the one measured faster on the
+  # backend: 2d1d on CPU, 3d on GPU/TPU; benchmarks/RESULTS.md).
+  c.model.encoder.conv_impl = "auto"
   c.model.separate_encoders = False
   c.model.num_concepts = 50  # K per kind (K_s = K_d)
   c.model.sigma = "identity"  # identity | linear | mlp

@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 from cvc_jax import pretrain
 from cvc_jax import views as views_lib
+from cvc_jax.models import resnet3d
 
 CLIPS_PER_VIDEO = 6  # v1 v2 s1 s2 d1 d2
 
@@ -67,10 +68,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        flag_values=flag_values)
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.",
                        flag_values=flag_values)
-  flags.DEFINE_enum("remat", "none", ["none", "dots"],
-                    "Rematerialisation: 'dots' keeps only convolution and matmul "
-                    "outputs for the backward pass and recomputes norms and "
-                    "activations, for a larger batch in the same memory.",
+  flags.DEFINE_enum("remat", None, list(resnet3d.REMAT_POLICIES),
+                    "Sets config.remat (default: the config's): what the encoder's "
+                    "backward pass recomputes, for a larger batch in the same memory.",
                     flag_values=flag_values)
   flags.DEFINE_string("json", None, "Also write the results to this JSON file.",
                       flag_values=flag_values)
@@ -164,19 +164,6 @@ def format_table(r: Result) -> str:
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-class _RematModel:
-  """Stands in for the model in the train state; its apply recomputes, in the
-  backward pass, everything but convolution and matmul outputs."""
-
-  def __init__(self, model):
-    self.model = model
-
-  def apply(self, variables, views, *, train, mutable):
-    fn = lambda v, x: self.model.apply(v, x, train=train, mutable=mutable)
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_saveable)(
-        variables, views)
-
-
 def _memory(device) -> tuple[int | None, str]:
   """Peak memory of one device: the allocator's count where the backend keeps
   one (GPU, TPU), else the process's peak resident set (CPU: host memory)."""
@@ -194,12 +181,15 @@ class TrainStep:
 
   Args:
     config: a full pretraining config (reads `batch_size`, `dtype`, `input`, ...).
-    remat: 'none' or 'dots' (see the --remat flag).
+    remat: None (the config's `remat`) or a key of `resnet3d.REMAT_POLICIES`.
     log: where progress lines go.
   """
 
-  def __init__(self, config, *, remat: str = "none", log=print):
-    self.config, self.remat, self.log = config, remat, log
+  def __init__(self, config, *, remat: str | None = None, log=print):
+    if remat is not None:
+      config = config.copy_and_resolve_references()
+      config.remat = remat
+    self.config, self.log = config, log
     self.devices = jax.devices()
     mesh = Mesh(np.asarray(self.devices), ("data",))
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -217,10 +207,6 @@ class TrainStep:
         config, rng, (b, CLIPS_PER_VIDEO, t, s, s, 3), steps_per_epoch),
                     out_shardings=replicated)(jax.random.key(config.seed))
     state = state.replace(step=jax.device_put(np.int32(steady_epoch), replicated))
-    if remat == "dots":
-      state = state.replace(model=_RematModel(state.model))
-    elif remat != "none":
-      raise ValueError(f"remat must be 'none' or 'dots', got {remat!r}.")
 
     frames = np.random.default_rng(0).integers(0, 256, (b, 2 * t, h, w, 3), np.uint8)
     self.batch = {
@@ -258,9 +244,9 @@ class TrainStep:
   def result(self, times: list[float]) -> Result:
     memory, memory_source = _memory(self.devices[0])
     kind, c = self.devices[0].device_kind, self.config
-    notes = "views+fwd+bwd+Adam, frames on device"
-    if self.remat != "none":
-      notes += f", remat={self.remat}"
+    notes = (f"views+fwd+bwd+Adam, frames on device, conv_impl="
+             f"{resnet3d.resolve_conv_impl(c.model.encoder.get('conv_impl', 'auto'))}, "
+             f"remat={c.get('remat', 'none')}")
     return Result(
         framework=f"jax {jax.__version__}", device_kind=kind,
         device_count=len(self.devices), dtype=c.dtype, global_batch=c.batch_size,
@@ -282,7 +268,7 @@ def time_steps(step, *, steps: int, warmup: int) -> list[float]:
   return times
 
 
-def run(config, *, steps: int = 20, warmup: int = 2, remat: str = "none",
+def run(config, *, steps: int = 20, warmup: int = 2, remat: str | None = None,
         log=print) -> Result:
   """Compiles and times the train step of `config` on every visible device.
 
@@ -290,7 +276,7 @@ def run(config, *, steps: int = 20, warmup: int = 2, remat: str = "none",
     config: a full pretraining config.
     steps: timed steps; the table gives their median and spread.
     warmup: untimed steps after compilation.
-    remat: 'none' or 'dots' (see the --remat flag).
+    remat: None (the config's `remat`) or a key of `resnet3d.REMAT_POLICIES`.
     log: where progress lines go.
 
   Returns:

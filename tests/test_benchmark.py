@@ -1,15 +1,23 @@
-"""The train-step benchmark (cvc_jax.benchmark) and its PyTorch baseline, tiny."""
+"""The train-step benchmark and its PyTorch baseline (tiny), and the speed options
+of the encoders: the 2D + 1D form of the convolutions and rematerialisation."""
 
+import functools
 import json
 import os
+import subprocess
 import sys
 
-from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import reference
 from cvc_jax import benchmark
+from cvc_jax import pretrain
+from cvc_jax.models import cvc
+from cvc_jax.models import resnet3d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE_ROWS = ("framework", "device", "dtype", "global batch", "step time (median)",
@@ -46,14 +54,27 @@ def test_peaks_and_mfu():
       _result(peak_tflops_per_device=None))
 
 
-def test_jax_benchmark_command_on_fake_devices(tmp_path, capsys):
+# Modules the benchmark and the GPU path must not need (the GPU machine lacks them).
+BLOCKED = ("tensorflow", "tensorflow_datasets", "clu", "grain")
+
+
+def _run_blocked(module, args, env=None):
+  """`python -m module args` in a subprocess where importing BLOCKED fails."""
+  code = (f"import runpy, sys\nfor m in {BLOCKED!r}: sys.modules[m] = None\n"
+          f"sys.argv = [{module!r}] + {list(args)!r}\n"
+          f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+  # The environment carries tests/conftest.py's 8 fake devices and XLA cache.
+  return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, env=env, check=False)
+
+
+def test_jax_benchmark_command_without_tensorflow_on_fake_devices(tmp_path):
   path = tmp_path / "bench.json"
-  fv = flags.FlagValues()  # not the global flags: cvc_jax.main may have defined those
-  benchmark.define_flags(fv)
-  fv(["benchmark", "--config=" + os.path.join(ROOT, "configs/reference.py:runlocal"),
-      "--steps=3", "--warmup=1", f"--json={path}"])
-  benchmark.main(["benchmark"], fv)
-  table = capsys.readouterr().out
+  proc = _run_blocked("cvc_jax.benchmark", [
+      "--config=" + os.path.join(ROOT, "configs/reference.py:runlocal"), "--steps=3",
+      "--warmup=1", f"--json={path}"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  table = proc.stdout
   for row in TABLE_ROWS:
     assert row in table, row
   r = json.loads(path.read_text())
@@ -68,7 +89,19 @@ def test_jax_benchmark_command_on_fake_devices(tmp_path, capsys):
   assert r["flops_per_step"] > 1e9 and r["mfu"] is None  # no peak known for CPUs
   assert r["peak_memory_bytes"] > 0 and "RSS" in r["peak_memory_source"]
   assert r["compile_time_s"] > 0
+  assert "conv_impl=2d1d" in r["notes"] and "remat=none" in r["notes"]
   assert f"{r['step_time_median_s'] * 1e3:.1f} ms" in table
+
+
+def test_gpu_path_imports_without_tensorflow_clu_grain():
+  proc = subprocess.run([sys.executable, "-c", (
+      f"import sys\nfor m in {BLOCKED!r}: sys.modules[m] = None\n"
+      "import cvc_jax.benchmark, cvc_jax.pretrain, cvc_jax.views, cvc_jax.losses\n"
+      "import cvc_jax.models.cvc, cvc_jax.models.heads, cvc_jax.models.resnet3d\n"
+      "sys.path.insert(0, 'benchmarks')\n"
+      "import fit_batch, summarize\n"
+      "print('ok')")], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
 def test_torch_baseline_counts_the_same_flops():
@@ -85,3 +118,89 @@ def test_torch_baseline_counts_the_same_flops():
   # elementwise work included); the operator count of the same model agrees.
   assert r.flops_per_step == pytest.approx(1.88e9, rel=0.15)
   assert "clips/s" in benchmark.format_table(r)
+
+
+# Kernel and strides of every convolution FactorisedConv takes in the encoders.
+FACTORISED = [((1, 7, 7), (1, 2, 2)), ((3, 1, 1), (1, 1, 1)), ((1, 3, 3), (1, 2, 2)),
+              ((3, 1, 1), (2, 1, 1)), ((1, 1, 1), (2, 2, 2)), ((1, 3, 3), (1, 1, 1))]
+
+
+@pytest.mark.parametrize("kernel,strides", FACTORISED)
+def test_factorised_conv_is_the_3d_conv(kernel, strides):
+  conv3d = nn.Conv(6, kernel, strides=strides, padding=[(k // 2, k // 2) for k in kernel],
+                   use_bias=False, kernel_init=resnet3d.conv_init)
+  conv2d = resnet3d.FactorisedConv(6, kernel, strides)
+  x = jax.random.normal(jax.random.key(1), (2, 5, 9, 10, 4))
+  params = conv3d.init(jax.random.key(0), x)
+  # The same parameter, initialised the same: checkpoints cannot tell them apart.
+  jax.tree.map(np.testing.assert_array_equal, params, conv2d.init(jax.random.key(0), x))
+
+  def out_and_grads(conv):
+    f = lambda p, x: jnp.sum(jnp.sin(conv.apply(p, x)))
+    return conv.apply(params, x), jax.grad(f, argnums=(0, 1))(params, x)
+
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               out_and_grads(conv3d), out_and_grads(conv2d))
+
+
+@pytest.mark.parametrize("encoder", [
+    dict(arch="r2plus1d", blocks=(1, 1, 1, 1), width=4),
+    dict(arch="r2plus1d", blocks=(1, 1, 1, 1), width=4, bottleneck=True),
+    dict(arch="hara", depth=10, width=4, conv1_t_size=1)])
+def test_conv_impls_give_one_encoder(encoder):
+  # float64, so that only a wrong computation, not the order of float32 sums that
+  # BatchNorm of a few samples magnifies, can tell the two apart.
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(1), (2, 4, 16, 16, 3), jnp.float64)
+    results = []
+    for impl in ("3d", "2d1d"):
+      module = resnet3d.build_encoder(dict(encoder, conv_impl=impl), dtype=jnp.float64)
+      variables = jax.jit(functools.partial(module.init, train=False))(
+          jax.random.key(0), x)
+
+      def loss(params, module=module, variables=variables):
+        (pooled, fmap), stats = module.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+            mutable=["batch_stats"])
+        return jnp.sum(pooled ** 2) + jnp.mean(fmap), (pooled, fmap, stats)
+
+      grads, outs = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+      results.append((variables, outs, grads))
+  (vars3d, *rest3d), (vars2d, *rest2d) = results
+  assert jax.tree.structure(vars3d) == jax.tree.structure(vars2d)
+  jax.tree.map(np.testing.assert_array_equal, vars3d, vars2d)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               rest3d, rest2d)
+
+
+def test_auto_conv_impl_is_2d1d_on_cpu():
+  assert resnet3d.resolve_conv_impl("auto") == "2d1d"
+  assert resnet3d.resolve_conv_impl("3d") == "3d"
+  with pytest.raises(ValueError, match="conv_impl"):
+    resnet3d.resolve_conv_impl("2d")
+
+
+def test_remat_keeps_loss_and_gradients():
+  config = reference.get_config("runlocal")
+  views = jax.random.normal(jax.random.key(1), (2, 6, 4, 32, 32, 3))
+  queue = jnp.tanh(jax.random.normal(jax.random.key(2), (config.loss.queue_size, 6, 16)))
+  variables = cvc.build_model(config).init(jax.random.key(0), views, train=False)
+  results = {}
+  for remat in resnet3d.REMAT_POLICIES:
+    with config.unlocked():
+      config.remat = remat
+    model = cvc.build_model(config)
+    assert model.remat == remat
+
+    def loss(params, model=model):
+      out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                           views, train=True, mutable=["batch_stats"])
+      return pretrain.compute_losses(out, config, queue=queue, epoch=10)["total"]
+
+    # Rematerialised blocks show up as remat regions in the gradient's program.
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+    assert ("remat" in jaxpr) == (remat != "none"), remat
+    results[remat] = jax.jit(jax.value_and_grad(loss))(variables["params"])
+  for remat in ("blocks", "dots"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 results["none"], results[remat])

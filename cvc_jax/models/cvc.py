@@ -35,6 +35,7 @@ class CVCModel(nn.Module):
     proj_hidden, proj_dim: the global contrast MLPs D -> proj_hidden -> proj_dim.
     separate_encoders: three encoders for v, s, d instead of one shared.
     dtype: compute dtype; parameters stay float32, outputs are float32.
+    remat: what the encoder's backward pass recomputes (`resnet3d.REMAT_POLICIES`).
   """
   encoder: Mapping[str, Any]
   num_concepts: int = 50
@@ -45,6 +46,7 @@ class CVCModel(nn.Module):
   proj_dim: int = 128
   separate_encoders: bool = False
   dtype: Any = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, views, *, train: bool):
@@ -76,15 +78,15 @@ class CVCModel(nn.Module):
     clips = views.reshape((b * 6,) + views.shape[2:])
     if self.separate_encoders:
       per_kind = clips.reshape((b, 3, 2) + views.shape[2:])
-      outs = [resnet3d.build_encoder(self.encoder, self.dtype, name)(
+      outs = [resnet3d.build_encoder(self.encoder, self.dtype, name, self.remat)(
           per_kind[:, i].reshape((2 * b,) + views.shape[2:]), train=train)
               for i, name in enumerate(ENCODERS)]
       pooled = jnp.stack([o[0].reshape(b, 2, -1) for o in outs], 1).reshape(b, 6, -1)
       fmap = jnp.stack([o[1].reshape((b, 2, -1, d)) for o in outs], 1)
       fmap = fmap.reshape((b, 6, -1, d))
     else:
-      pooled, fmap = resnet3d.build_encoder(self.encoder, self.dtype, "backbone")(
-          clips, train=train)
+      pooled, fmap = resnet3d.build_encoder(self.encoder, self.dtype, "backbone",
+                                            self.remat)(clips, train=train)
       pooled = pooled.reshape(b, 6, d)
       fmap = fmap.reshape((b, 6, -1, d))  # tokens: T'H'W' per clip
     h = pooled.astype(jnp.float32)
@@ -152,10 +154,12 @@ class CVCModel(nn.Module):
 
 
 def build_model(config) -> CVCModel:
-  """The pretraining model for a full config (reads `config.model`, `config.dtype`)."""
+  """The pretraining model for a full config (reads `config.model`, `config.dtype`,
+  `config.remat`)."""
   m = config.model
   return CVCModel(
       encoder=m.encoder.to_dict() if hasattr(m.encoder, "to_dict") else dict(m.encoder),
       num_concepts=m.num_concepts, sigma=m.sigma, sigma_dim=m.sigma_dim,
       decoder_hidden=m.decoder_hidden, proj_hidden=m.proj_hidden, proj_dim=m.proj_dim,
-      separate_encoders=m.separate_encoders, dtype=jnp.dtype(config.get("dtype", "float32")))
+      separate_encoders=m.separate_encoders, dtype=jnp.dtype(config.get("dtype", "float32")),
+      remat=config.get("remat", "none"))

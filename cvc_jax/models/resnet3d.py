@@ -7,12 +7,18 @@ Submodule names map one-to-one onto the PyTorch state-dict names: a PyTorch key
 `layer1.0.conv1.0.0.weight` lives at `params/layer1_0/conv1_0_0/kernel` (a digit in
 a PyTorch path joins the name before it with "_"). `cvc_jax.convert` relies on that.
 Kernels are in (t, h, w) order.
+
+Two speed options change how the encoders run, never their parameters:
+`conv_impl` (the form of the convolutions, `CONV_IMPLS`) and `remat` (what the
+backward pass recomputes, `REMAT_POLICIES`).
 """
 
 import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
+from jax import lax
 import jax.numpy as jnp
 
 # torchvision and Hara initialise convolutions with kaiming_normal(fan_out, relu).
@@ -33,11 +39,127 @@ DEPTH_TO_BLOCKS = {
 }
 
 
-def _conv(features, kernel, strides, name, dtype):
+# How convolutions run. '3d': all as 3D convolutions. '2d1d': those with a
+# (1, k, k) or (1, 1, 1) kernel as 2D convolutions of single frames (time joins
+# the batch), those with a (k, 1, 1) kernel as 1D convolutions over time of
+# single pixels (height and width join the batch); full 3D kernels stay 3D. 'auto':
+# the form measured fastest on the backend (benchmarks/RESULTS.md): '2d1d' on
+# CPUs, whose XLA backend runs 3D convolutions and their gradients far slower
+# than 2D ones; '3d' elsewhere (cuDNN and the TPU compiler take 3D as it is).
+CONV_IMPLS = ("3d", "2d1d", "auto")
+
+# What a residual block keeps for the backward pass (`remat`). 'none': every
+# activation (fastest). 'blocks': only each block's input, all else recomputed
+# (least memory, about one more forward pass). 'dots': convolution and matmul
+# outputs, BatchNorm and ReLU recomputed (a middle way).
+REMAT_POLICIES = {"none": None, "blocks": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_saveable}
+
+
+def resolve_conv_impl(conv_impl: str) -> str:
+  """'3d' or '2d1d': `conv_impl`, with 'auto' decided for the default backend."""
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
+  if conv_impl == "auto":
+    return "2d1d" if jax.default_backend() == "cpu" else "3d"
+  return conv_impl
+
+
+def _conv3d(x, kernel, strides, padding):
+  return lax.conv_general_dilated(x, kernel, strides, padding,
+                                  dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
+def _frames_conv_2d(x, kernel, strides, padding):
+  """x [B, T, H, W, C] and kernel [1, kh, kw, C, O] as a 2D convolution of B*T frames."""
+  b, t = x.shape[:2]
+  y = lax.conv_general_dilated(x.reshape((b * t,) + x.shape[2:]), kernel[0], strides,
+                               padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y.reshape((b, t) + y.shape[1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _frames_conv(x, kernel, strides, padding):
+  """`_frames_conv_2d` whose kernel gradient runs as the 3D convolution's.
+
+  On XLA's CPU backend the 2D form runs the forward pass and the input gradient
+  2-3x faster than the 3D form, but its kernel gradient (a convolution that
+  contracts over all B*T frames) 4-5x slower (benchmarks/RESULTS.md); so each
+  pass takes the faster form. strides: (sh, sw); padding: ((ph, ph), (pw, pw)).
+  """
+  return _frames_conv_2d(x, kernel, strides, padding)
+
+
+def _frames_conv_fwd(x, kernel, strides, padding):
+  return _frames_conv_2d(x, kernel, strides, padding), (x, kernel)
+
+
+def _frames_conv_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  _, dx = jax.vjp(lambda x: _frames_conv_2d(x, kernel, strides, padding), x)
+  _, dk = jax.vjp(lambda k: _conv3d(x, k, (1,) + strides, ((0, 0),) + padding), kernel)
+  return dx(dy)[0], dk(dy)[0]
+
+
+_frames_conv.defvjp(_frames_conv_fwd, _frames_conv_bwd)
+
+
+class FactorisedConv(nn.Module):
+  """A bias-free (1, kh, kw) or (1, 1, 1) convolution run as a 2D one, (kt, 1, 1) as 1D.
+
+  Its one parameter is `nn.Conv`'s: 'kernel' [kt, kh, kw, in, out], initialised
+  the same way, so checkpoints and `cvc_jax.convert` cannot tell the two apart.
+  Padding is PyTorch's symmetric k // 2.
+  """
+  features: int
+  kernel_size: tuple[int, int, int]
+  strides: tuple[int, int, int]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    (kt, kh, kw), (st, sh, sw) = self.kernel_size, self.strides
+    kernel = self.param("kernel", conv_init,
+                        (kt, kh, kw, x.shape[-1], self.features), jnp.float32)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    if kt == 1:  # frame by frame: [B*T, H, W, C]
+      return _frames_conv(x[:, ::st], kernel, (sh, sw),
+                          ((kh // 2, kh // 2), (kw // 2, kw // 2)))
+    if kh != 1 or kw != 1:
+      raise ValueError(f"FactorisedConv takes (1, k, k) or (k, 1, 1) kernels, got "
+                       f"{self.kernel_size}.")
+    # Pixel by pixel: [B*H*W, T, C]. The two transposes cost less than they save:
+    # this form ran forward and backward 1.4x faster than the 3D one; a 2D form
+    # over [B, T, H*W, C] needs no transpose, but its kernel gradient ran 2.5x
+    # slower than the 3D one (benchmarks/RESULTS.md).
+    x = x[:, :, ::sh, ::sw]
+    b, t, h, w, c = x.shape
+    y = lax.conv_general_dilated(
+        jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(b * h * w, t, c), kernel[:, 0, 0],
+        (st,), [(kt // 2, kt // 2)], dimension_numbers=("NWC", "WIO", "NWC"))
+    return jnp.transpose(y.reshape(b, h, w, y.shape[1], self.features), (0, 3, 1, 2, 4))
+
+
+def _conv(features, kernel, strides, name, dtype, conv_impl="3d"):
   """A bias-free 3D convolution with PyTorch's symmetric padding k // 2."""
+  kt, kh, kw = kernel
+  if resolve_conv_impl(conv_impl) == "2d1d" and (kt == 1 or kh == kw == 1):
+    return FactorisedConv(features, tuple(kernel), tuple(strides), dtype, name=name)
   return nn.Conv(
       features, kernel, strides=strides, padding=[(k // 2, k // 2) for k in kernel],
       use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
+
+
+def _run_block(block, x, *, train, remat):
+  """`block(x, train=train)`, its activations recomputed in the backward pass as
+  `remat` says (`REMAT_POLICIES`)."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {remat!r}.")
+  if remat == "none":
+    return block(x, train=train)
+  # The function form keeps `train` a Python bool and the block's name unchanged.
+  return nn.remat(lambda mdl, y: mdl(y, train=train), policy=REMAT_POLICIES[remat])(
+      block, x)
 
 
 def r2plus1d_midplanes(in_planes: int, out_planes: int) -> int:
@@ -45,7 +167,8 @@ def r2plus1d_midplanes(in_planes: int, out_planes: int) -> int:
   return (in_planes * out_planes * 27) // (in_planes * 9 + 3 * out_planes)
 
 
-def spatiotemporal_conv(x, features, kind, stride, prefix, *, mid_features, dtype, train):
+def spatiotemporal_conv(x, features, kind, stride, prefix, *, mid_features, dtype, train,
+                        conv_impl="3d"):
   """torchvision's conv builders: '3d' (3x3x3), '2d' (1x3x3) or '2plus1d'.
 
   Called inside a compact module so the convolutions are that module's children;
@@ -53,18 +176,19 @@ def spatiotemporal_conv(x, features, kind, stride, prefix, *, mid_features, dtyp
   so its parts are prefix_0 (1x3x3), prefix_1 (BatchNorm) and prefix_3 (3x1x1).
   """
   s = stride
+  conv = functools.partial(_conv, dtype=dtype, conv_impl=conv_impl)
   if kind == "3d":
-    return _conv(features, (3, 3, 3), (s, s, s), prefix, dtype)(x)
+    return conv(features, (3, 3, 3), (s, s, s), prefix)(x)
   if kind == "2d":
-    return _conv(features, (1, 3, 3), (1, s, s), prefix, dtype)(x)
-  x = _conv(mid_features, (1, 3, 3), (1, s, s), f"{prefix}_0", dtype)(x)
+    return conv(features, (1, 3, 3), (1, s, s), prefix)(x)
+  x = conv(mid_features, (1, 3, 3), (1, s, s), f"{prefix}_0")(x)
   x = BatchNorm(use_running_average=not train, dtype=dtype, name=f"{prefix}_1")(x)
-  return _conv(features, (3, 1, 1), (s, 1, 1), f"{prefix}_3", dtype)(nn.relu(x))
+  return conv(features, (3, 1, 1), (s, 1, 1), f"{prefix}_3")(nn.relu(x))
 
 
-def _downsample(x, features, strides, dtype, train, names):
+def _downsample(x, features, strides, dtype, train, names, conv_impl="3d"):
   """The 1x1x1 convolution + BatchNorm shortcut (Hara's type B)."""
-  x = _conv(features, (1, 1, 1), strides, names[0], dtype)(x)
+  x = _conv(features, (1, 1, 1), strides, names[0], dtype, conv_impl)(x)
   return BatchNorm(use_running_average=not train, dtype=dtype, name=names[1])(x)
 
 
@@ -75,22 +199,23 @@ class TorchvisionBlock(nn.Module):
   stride: int = 1
   bottleneck: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = "3d"
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     bn = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
+    conv1x1 = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl)
     in_planes = x.shape[-1]
     out_planes = self.planes * (4 if self.bottleneck else 1)
     # torchvision sizes every (2+1)D conv of a block from the block's input width.
     conv = functools.partial(
         spatiotemporal_conv, kind=self.conv_kind, dtype=self.dtype, train=train,
-        mid_features=r2plus1d_midplanes(in_planes, self.planes))
+        mid_features=r2plus1d_midplanes(in_planes, self.planes), conv_impl=self.conv_impl)
     if self.bottleneck:
-      y = nn.relu(bn(name="conv1_1")(_conv(self.planes, (1, 1, 1), (1, 1, 1), "conv1_0",
-                                           self.dtype)(x)))
+      y = nn.relu(bn(name="conv1_1")(conv1x1(self.planes, (1, 1, 1), (1, 1, 1), "conv1_0")(x)))
       y = conv(y, self.planes, stride=self.stride, prefix="conv2_0")
       y = nn.relu(bn(name="conv2_1")(y))
-      y = _conv(out_planes, (1, 1, 1), (1, 1, 1), "conv3_0", self.dtype)(y)
+      y = conv1x1(out_planes, (1, 1, 1), (1, 1, 1), "conv3_0")(y)
       y = bn(name="conv3_1")(y)
     else:
       y = conv(x, self.planes, stride=self.stride, prefix="conv1_0")
@@ -102,7 +227,7 @@ class TorchvisionBlock(nn.Module):
       s = self.stride
       strides = (1, s, s) if self.conv_kind == "2d" else (s, s, s)
       x = _downsample(x, out_planes, strides, self.dtype, train,
-                      ("downsample_0", "downsample_1"))
+                      ("downsample_0", "downsample_1"), self.conv_impl)
     return nn.relu(y + x)
 
 
@@ -116,12 +241,17 @@ class VideoResNet(nn.Module):
     width: channels of the first stage (64); stages use width x (1, 2, 4, 8).
     bottleneck: Bottleneck blocks (x4 expansion) instead of BasicBlocks.
     dtype: compute dtype; parameters stay float32.
+    conv_impl: the form of the convolutions, one of `CONV_IMPLS`.
+    remat: what the backward pass recomputes in each block, a key of
+      `REMAT_POLICIES`.
   """
   arch: str = "r2plus1d"
   blocks: Sequence[int] = (2, 2, 2, 2)
   width: int = 64
   bottleneck: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -129,23 +259,23 @@ class VideoResNet(nn.Module):
       raise ValueError(f"Unknown torchvision video ResNet {self.arch!r}; "
                        "use 'r2plus1d', 'r3d' or 'mc3'.")
     bn = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
+    conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl)
     x = x.astype(self.dtype)
     if self.arch == "r2plus1d":
       # torchvision hard-codes 45 mid channels at width 64; scale it for small nets.
       mid = 45 * self.width // 64
-      x = nn.relu(bn(name="stem_1")(_conv(mid, (1, 7, 7), (1, 2, 2), "stem_0", self.dtype)(x)))
-      x = nn.relu(bn(name="stem_4")(_conv(self.width, (3, 1, 1), (1, 1, 1), "stem_3",
-                                          self.dtype)(x)))
+      x = nn.relu(bn(name="stem_1")(conv(mid, (1, 7, 7), (1, 2, 2), "stem_0")(x)))
+      x = nn.relu(bn(name="stem_4")(conv(self.width, (3, 1, 1), (1, 1, 1), "stem_3")(x)))
     else:
-      x = nn.relu(bn(name="stem_1")(_conv(self.width, (3, 7, 7), (1, 2, 2), "stem_0",
-                                          self.dtype)(x)))
+      x = nn.relu(bn(name="stem_1")(conv(self.width, (3, 7, 7), (1, 2, 2), "stem_0")(x)))
     for i, num_blocks in enumerate(self.blocks):
       kind = {"r2plus1d": "2plus1d", "r3d": "3d", "mc3": "3d" if i == 0 else "2d"}[self.arch]
       for j in range(num_blocks):
-        x = TorchvisionBlock(
+        block = TorchvisionBlock(
             self.width * 2**i, kind, stride=2 if (i > 0 and j == 0) else 1,
-            bottleneck=self.bottleneck, dtype=self.dtype, name=f"layer{i + 1}_{j}")(
-                x, train=train)
+            bottleneck=self.bottleneck, dtype=self.dtype, conv_impl=self.conv_impl,
+            name=f"layer{i + 1}_{j}")
+        x = _run_block(block, x, train=train, remat=self.remat)
     return jnp.mean(x, axis=(1, 2, 3)), x
 
 
@@ -155,22 +285,24 @@ class HaraBlock(nn.Module):
   stride: int = 1
   bottleneck: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = "3d"
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     bn = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
+    conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl)
     s = self.stride
     out_planes = self.planes * (4 if self.bottleneck else 1)
     if self.bottleneck:
-      y = nn.relu(bn(name="bn1")(_conv(self.planes, (1, 1, 1), (1, 1, 1), "conv1", self.dtype)(x)))
-      y = nn.relu(bn(name="bn2")(_conv(self.planes, (3, 3, 3), (s, s, s), "conv2", self.dtype)(y)))
-      y = bn(name="bn3")(_conv(out_planes, (1, 1, 1), (1, 1, 1), "conv3", self.dtype)(y))
+      y = nn.relu(bn(name="bn1")(conv(self.planes, (1, 1, 1), (1, 1, 1), "conv1")(x)))
+      y = nn.relu(bn(name="bn2")(conv(self.planes, (3, 3, 3), (s, s, s), "conv2")(y)))
+      y = bn(name="bn3")(conv(out_planes, (1, 1, 1), (1, 1, 1), "conv3")(y))
     else:
-      y = nn.relu(bn(name="bn1")(_conv(self.planes, (3, 3, 3), (s, s, s), "conv1", self.dtype)(x)))
-      y = bn(name="bn2")(_conv(self.planes, (3, 3, 3), (1, 1, 1), "conv2", self.dtype)(y))
+      y = nn.relu(bn(name="bn1")(conv(self.planes, (3, 3, 3), (s, s, s), "conv1")(x)))
+      y = bn(name="bn2")(conv(self.planes, (3, 3, 3), (1, 1, 1), "conv2")(y))
     if s != 1 or x.shape[-1] != out_planes:
       x = _downsample(x, out_planes, (s, s, s), self.dtype, train,
-                      ("downsample_0", "downsample_1"))
+                      ("downsample_0", "downsample_1"), self.conv_impl)
     return nn.relu(y + x)
 
 
@@ -185,6 +317,9 @@ class HaraResNet(nn.Module):
     pool_t: temporal size of that max-pool; the authors' `r3d.py` pools over space
       only (1), Hara's original pools 3x3x3 with stride 2 (3).
     dtype: compute dtype; parameters stay float32.
+    conv_impl: the form of the convolutions, one of `CONV_IMPLS` (only the 1x1x1
+      ones have another form: Hara's nets are 3x3x3 throughout).
+    remat: what the backward pass recomputes in each block (`REMAT_POLICIES`).
   """
   depth: int = 18
   width: int = 64
@@ -193,6 +328,8 @@ class HaraResNet(nn.Module):
   no_max_pool: bool = False
   pool_t: int = 1
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -201,7 +338,7 @@ class HaraResNet(nn.Module):
                        f"got {self.depth}.")
     x = x.astype(self.dtype)
     x = _conv(self.width, (self.conv1_t_size, 7, 7), (self.conv1_t_stride, 2, 2), "conv1",
-              self.dtype)(x)
+              self.dtype, self.conv_impl)(x)
     x = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn1")(x))
     if not self.no_max_pool:
       t = self.pool_t
@@ -209,9 +346,10 @@ class HaraResNet(nn.Module):
                       padding=((t // 2, t // 2), (1, 1), (1, 1)))
     for i, num_blocks in enumerate(DEPTH_TO_BLOCKS[self.depth]):
       for j in range(num_blocks):
-        x = HaraBlock(self.width * 2**i, stride=2 if (i > 0 and j == 0) else 1,
-                      bottleneck=self.depth >= 50, dtype=self.dtype,
-                      name=f"layer{i + 1}_{j}")(x, train=train)
+        block = HaraBlock(self.width * 2**i, stride=2 if (i > 0 and j == 0) else 1,
+                          bottleneck=self.depth >= 50, dtype=self.dtype,
+                          conv_impl=self.conv_impl, name=f"layer{i + 1}_{j}")
+        x = _run_block(block, x, train=train, remat=self.remat)
     return jnp.mean(x, axis=(1, 2, 3)), x
 
 
@@ -222,21 +360,25 @@ def feature_dim(cfg) -> int:
   return cfg["width"] * 8 * (4 if bottleneck else 1)
 
 
-def build_encoder(cfg, dtype=jnp.float32, name=None) -> nn.Module:
+def build_encoder(cfg, dtype=jnp.float32, name=None, remat: str = "none") -> nn.Module:
   """The encoder described by `config.model.encoder`.
 
   Args:
     cfg: a mapping with `arch` ('r2plus1d', 'r3d', 'mc3' or 'hara'), `width`, and
       `blocks` (torchvision layout) or `depth` (Hara layout), plus the optional keys
-      `bottleneck` and the Hara stem keys of `HaraResNet`.
+      `bottleneck`, `conv_impl` (default 'auto') and the Hara stem keys of
+      `HaraResNet`.
     dtype: compute dtype.
     name: the Flax submodule name (the authors call it "backbone").
+    remat: what the backward pass recomputes (`REMAT_POLICIES`; `config.remat`).
   """
+  conv_impl = cfg.get("conv_impl", "auto")
   if cfg["arch"] == "hara":
     return HaraResNet(
         depth=cfg["depth"], width=cfg["width"], conv1_t_size=cfg.get("conv1_t_size", 7),
         conv1_t_stride=cfg.get("conv1_t_stride", 1),
         no_max_pool=cfg.get("no_max_pool", False), pool_t=cfg.get("pool_t", 1),
-        dtype=dtype, name=name)
+        dtype=dtype, conv_impl=conv_impl, remat=remat, name=name)
   return VideoResNet(arch=cfg["arch"], blocks=tuple(cfg["blocks"]), width=cfg["width"],
-                     bottleneck=cfg.get("bottleneck", False), dtype=dtype, name=name)
+                     bottleneck=cfg.get("bottleneck", False), dtype=dtype,
+                     conv_impl=conv_impl, remat=remat, name=name)
