@@ -57,16 +57,24 @@ def compiled_bytes(step: benchmark.TrainStep) -> int:
 def fit(config, *, remat, min_batch, max_batch, multiple, limit) -> tuple[
     benchmark.TrainStep, str]:
   """The compiled step at the largest batch under `limit` bytes, and how it was found."""
+  steps = {}  # batch -> compiled step, so no batch is compiled twice
+
+  def compiled(batch):
+    if batch not in steps:
+      steps.clear()  # one step's state and frames on the device at a time
+      steps[batch] = benchmark.TrainStep(with_batch(config, batch), remat=remat, log=_log)
+    return steps[batch]
+
   b1, b2 = min_batch, 2 * min_batch
-  m1 = compiled_bytes(benchmark.TrainStep(with_batch(config, b1), remat=remat, log=_log))
-  m2 = compiled_bytes(benchmark.TrainStep(with_batch(config, b2), remat=remat, log=_log))
+  m1 = compiled_bytes(compiled(b1))
+  m2 = compiled_bytes(compiled(b2))
   per_video = max((m2 - m1) / (b2 - b1), 1.0)
   batch = int(b1 + (limit - m1) / per_video) // multiple * multiple
   batch = max(min(batch, max_batch), min_batch)
   _log(f"Memory at batch {b1}: {m1 / 2**30:.2f} GiB, at {b2}: {m2 / 2**30:.2f} GiB; "
        f"limit {limit / 2**30:.2f} GiB -> batch {batch}.")
   while True:
-    step = benchmark.TrainStep(with_batch(config, batch), remat=remat, log=_log)
+    step = compiled(batch)
     need = compiled_bytes(step)
     if need <= limit or batch - multiple < min_batch:
       break

@@ -13,9 +13,14 @@
 # Results: $OUT/*.json and $OUT/summary.md (the table for RESULTS.md), log in $OUT/log.
 # The stages' timeouts add up to 590 s, inside one 10-minute call; the remat stage
 # comes last and is the one to lose. To split it over two calls: STAGES="1 2", then
-# STAGES="3 4" BATCH=<stage 1's batch>. For a dry run on a CPU:
-#     CONFIG=configs/reference.py:runlocal MIN_BATCH=2 MEMORY_LIMIT_GB=1 STEPS=3 \
-#       TORCH_EXTRA=--device=cpu OUT=/tmp/gpu_dry bash benchmarks/gpu_run.sh
+# STAGES="3 4" BATCH=<stage 1's batch>. Stage 5 (not run by default) times the JAX
+# step with the other form of the convolutions (conv_impl=2d1d), to check on the
+# card the choice conv_impl='auto' makes there (3d).
+# Dry run on a CPU (tiny model, batch 2-4, torch.compile left out: on a CPU it
+# builds C++ for minutes), as tests/test_benchmark.py runs it:
+#     CONFIG=configs/reference.py:runlocal MIN_BATCH=2 MAX_BATCH=4 MULTIPLE=2 \
+#       MEMORY_LIMIT_GB=1 STEPS=2 TORCH_EXTRA=--device=cpu TORCH_TUNED=--channels_last \
+#       STAGES="1 2 3 4 5" OUT=/tmp/gpu_dry bash benchmarks/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,16 +33,24 @@ fi
 OUT=${OUT:-/tmp/cvc_bench}
 CONFIG=${CONFIG:-configs/ucf101.py}
 MIN_BATCH=${MIN_BATCH:-16}
+MAX_BATCH=${MAX_BATCH:-1024}
+MULTIPLE=${MULTIPLE:-8}
 STEPS=${STEPS:-20}
+REMAT=${REMAT:-dots}
 TORCH_EXTRA=${TORCH_EXTRA:-}
+TORCH_TUNED=${TORCH_TUNED:---amp=bf16 --channels_last --compile}
 LIMIT=${MEMORY_LIMIT_GB:+--memory_limit_gb=$MEMORY_LIMIT_GB}
+FIT="--min_batch=$MIN_BATCH --max_batch=$MAX_BATCH --multiple=$MULTIPLE $LIMIT"
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log") 2>&1
 
-# Pure-Python packages the machine lacks, from the carried wheels.
+# The two pure-Python packages the benchmarks need and the machine lacks, from the
+# carried wheels (only these two: .whl/ may hold others, TensorFlow among them,
+# that no stage imports).
 if ! python3 -c "import dm_pix, ml_collections" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cvc_site \
-      .whl/*.whl || { echo "No wheels: run 'bash benchmarks/gpu_run.sh --fetch' first."; exit 1; }
+      .whl/dm_pix-*.whl .whl/ml_collections-*.whl \
+      || { echo "No wheels: run 'bash benchmarks/gpu_run.sh --fetch' first."; exit 1; }
   export PYTHONPATH=/tmp/cvc_site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -63,8 +76,7 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...: run, report, never stop the script
 # 1) JAX, bf16, the largest batch XLA's memory analysis says fits, timed.
 if [[ " $STAGES " == *" 1 "* ]]; then
   stage jax_bf16 200 python3 benchmarks/fit_batch.py --config="$CONFIG" \
-      --config.dtype=bfloat16 --min_batch="$MIN_BATCH" --steps="$STEPS" $LIMIT \
-      --json="$OUT/1_jax_bf16.json"
+      --config.dtype=bfloat16 $FIT --steps="$STEPS" --json="$OUT/1_jax_bf16.json"
 fi
 BATCH=${BATCH:-$(python3 -c "import json; print(json.load(open('$OUT/1_jax_bf16.json'))\
 ['global_batch'])" 2>/dev/null || echo "$MIN_BATCH")}
@@ -83,15 +95,23 @@ torch_run() {  # torch_run NAME TIMEOUT_S FLAGS...
 }
 ENCODER=--encoder=torchvision
 python3 -c "import torchvision" 2>/dev/null || ENCODER=--encoder=ours
-[[ " $STAGES " == *" 2 "* ]] && torch_run 2_torch_bf16_tuned 150 $ENCODER --amp=bf16 \
-    --channels_last --compile
+[[ " $STAGES " == *" 2 "* ]] && torch_run 2_torch_bf16_tuned 150 $ENCODER $TORCH_TUNED
 [[ " $STAGES " == *" 3 "* ]] && torch_run 3_torch_fp32_authors 90 $ENCODER --amp=none
 
-# 4) JAX, bf16, rematerialising all but convolution and matmul outputs: a larger batch.
+# 4) JAX, bf16, rematerialised (config.remat; dots: each block keeps only its
+#    convolution outputs): a larger batch in the same memory.
 if [[ " $STAGES " == *" 4 "* ]]; then
   stage jax_bf16_remat 150 python3 benchmarks/fit_batch.py --config="$CONFIG" \
-      --config.dtype=bfloat16 --remat=dots --min_batch="$MIN_BATCH" --steps="$STEPS" \
-      $LIMIT --json="$OUT/4_jax_bf16_remat.json"
+      --config.dtype=bfloat16 --remat="$REMAT" $FIT --steps="$STEPS" \
+      --json="$OUT/4_jax_bf16_remat.json"
+fi
+
+# 5) (optional) JAX, bf16, stage 1's batch, convolutions in the 2D + 1D form.
+if [[ " $STAGES " == *" 5 "* ]]; then
+  stage jax_bf16_2d1d 150 python3 -m cvc_jax.benchmark --config="$CONFIG" \
+      --config.dtype=bfloat16 --config.batch_size="$BATCH" \
+      --config.model.encoder.conv_impl=2d1d --steps="$STEPS" \
+      --json="$OUT/5_jax_bf16_2d1d.json"
 fi
 
 python3 benchmarks/summarize.py "$OUT"/[0-9]_*.json | tee "$OUT/summary.md"

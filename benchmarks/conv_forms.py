@@ -1,0 +1,151 @@
+r"""Every convolution of an encoder timed in each form of `resnet3d.CONV_IMPLS`.
+
+    python benchmarks/conv_forms.py --config=configs/reference.py \
+        --config.batch_size=2 [--reps=3] [--whole]
+
+The encoder of the config, at the shape the train step gives it (6 clips per
+video), is run once with its calls intercepted to list its convolutions (name,
+kernel, strides, input shape). Each convolution is then jitted on its own as a
+3D `nn.Conv` ('3d') and as `resnet3d.FactorisedConv` ('2d1d', where the kernel
+allows), and three passes are timed, each the median of --reps runs: forward,
+the gradient for the input and the gradient for the kernel (the two halves of
+the backward pass, which XLA lowers to different convolutions; the first
+convolution's input is the views, which need none, so it has none). --whole also
+times the whole encoder's forward + backward (BatchNorm in training mode) with
+each `conv_impl`. This is the measurement behind `conv_impl='auto'`.
+"""
+
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+
+from cvc_jax.models import resnet3d
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (FILE[:variants]).",
+                                lock_config=True)
+_REPS = flags.DEFINE_integer("reps", 3, "Timed runs per pass (median).")
+_WHOLE = flags.DEFINE_bool("whole", False, "Also time the whole encoder per form.")
+
+
+def _median_time(fn, *args, reps: int) -> float:
+  """Median wall time of `fn(*args)` after one untimed (compiling) call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def list_convs(encoder: nn.Module, x) -> list[tuple[str, tuple, tuple, tuple]]:
+  """(name, kernel, strides, input shape) of every convolution `encoder` runs on x."""
+  convs = []
+
+  def record(next_fun, args, kwargs, context):
+    m = context.module
+    if context.method_name == "__call__" and isinstance(
+        m, (nn.Conv, resnet3d.FactorisedConv)):
+      convs.append(("/".join(m.scope.path), tuple(m.kernel_size), tuple(m.strides),
+                    tuple(args[0].shape)))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda v: encoder.init(jax.random.key(0), v, train=False), x)
+  return convs
+
+
+def time_conv(kernel, strides, in_shape, features, impl, dtype, reps, *, input_grad=True):
+  """(forward, input-gradient, kernel-gradient) seconds of one convolution; the
+  input gradient is 0.0 if not `input_grad`."""
+  if impl == "2d1d":
+    conv = resnet3d.FactorisedConv(features, kernel, strides, dtype)
+  else:
+    conv = nn.Conv(features, kernel, strides=strides, use_bias=False, dtype=dtype,
+                   padding=[(k // 2, k // 2) for k in kernel])
+  x = jax.random.normal(jax.random.key(1), in_shape, dtype)
+  params = conv.init(jax.random.key(0), x)
+  out = jax.eval_shape(conv.apply, params, x)
+  dy = jnp.ones(out.shape, out.dtype)
+  forward = jax.jit(conv.apply)
+  dx = jax.jit(lambda p, x: jax.vjp(lambda x: conv.apply(p, x), x)[1](dy))
+  dw = jax.jit(lambda p, x: jax.vjp(lambda p: conv.apply(p, x), p)[1](dy))
+  return tuple(_median_time(f, params, x, reps=reps) if f is not dx or input_grad else 0.0
+               for f in (forward, dx, dw))
+
+
+def time_encoder(cfg, x, dtype, reps) -> float:
+  """Seconds of one forward + backward of the whole encoder, BatchNorm training."""
+  encoder = resnet3d.build_encoder(cfg, dtype=dtype)
+  variables = encoder.init(jax.random.key(0), x, train=False)
+
+  @jax.jit
+  def grads(params, x):
+    def loss(params, x):
+      (pooled, fmap), _ = encoder.apply(
+          {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+          mutable=["batch_stats"])
+      return jnp.sum(pooled.astype(jnp.float32)) + jnp.sum(fmap.astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+
+  return _median_time(grads, variables["params"], x, reps=reps)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  c = FLAGS.config
+  dtype = jnp.dtype(c.dtype)
+  clips = c.batch_size * 6
+  s = c.input.crop_size
+  x = jnp.zeros((clips, c.input.num_frames, s, s, 3), dtype)
+  cfg = c.model.encoder.to_dict()
+  print(f"{jax.devices()[0].device_kind}, {c.dtype}, encoder {cfg}, input {x.shape}; "
+        f"seconds, median of {_REPS.value}")
+  convs = list_convs(resnet3d.build_encoder(dict(cfg, conv_impl="3d"), dtype=dtype), x)
+  total = {"3d": [0.0] * 3, "2d1d": [0.0] * 3}
+  print(f"{'convolution':<28} {'kernel':<9} {'stride':<9} {'input':<22} "
+        f"{'3d fwd/dx/dw':<24} {'2d1d fwd/dx/dw':<24} 3d/2d1d")
+  params = jax.eval_shape(
+      lambda v: resnet3d.build_encoder(cfg).init(jax.random.key(0), v, train=False),
+      x)["params"]
+  for name, kernel, strides, in_shape in convs:
+    node = params
+    for part in name.split("/"):
+      node = node[part]
+    features = node["kernel"].shape[-1]
+    times = {}
+    for impl in ("3d", "2d1d"):
+      if impl == "2d1d" and not (kernel[0] == 1 or kernel[1] == kernel[2] == 1):
+        times[impl] = times["3d"]  # stays 3D in that form
+      else:
+        # The first convolution reads the views, which need no gradient.
+        times[impl] = time_conv(kernel, strides, in_shape, features, impl, dtype,
+                                _REPS.value, input_grad=name != convs[0][0])
+      total[impl] = [a + b for a, b in zip(total[impl], times[impl])]
+    fmt = lambda t: "/".join(f"{v:.3f}" for v in t)
+    print(f"{name:<28} {'x'.join(map(str, kernel)):<9} {'x'.join(map(str, strides)):<9} "
+          f"{str(in_shape):<22} {fmt(times['3d']):<24} {fmt(times['2d1d']):<24} "
+          f"{sum(times['3d']) / sum(times['2d1d']):.2f}", flush=True)
+  print(f"{'all convolutions':<70} {'/'.join(f'{v:.2f}' for v in total['3d']):<24} "
+        f"{'/'.join(f'{v:.2f}' for v in total['2d1d']):<24} "
+        f"{sum(total['3d']) / sum(total['2d1d']):.2f}")
+  if _WHOLE.value:
+    for impl in ("3d", "2d1d"):
+      t = time_encoder(dict(cfg, conv_impl=impl), x, dtype, _REPS.value)
+      print(f"whole encoder fwd+bwd, conv_impl={impl}: {t:.3f} s", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
