@@ -17,7 +17,7 @@
 # step with the other form of the convolutions (conv_impl=2d1d), to check on the
 # card the choice conv_impl='auto' makes there (3d).
 # Dry run on a CPU (tiny model, batch 2-4, torch.compile left out: on a CPU it
-# builds C++ for minutes), as tests/test_benchmark.py runs it:
+# builds C++ for minutes); its result is in benchmarks/RESULTS.md:
 #     CONFIG=configs/reference.py:runlocal MIN_BATCH=2 MAX_BATCH=4 MULTIPLE=2 \
 #       MEMORY_LIMIT_GB=1 STEPS=2 TORCH_EXTRA=--device=cpu TORCH_TUNED=--channels_last \
 #       STAGES="1 2 3 4 5" OUT=/tmp/gpu_dry bash benchmarks/gpu_run.sh
