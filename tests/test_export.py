@@ -57,6 +57,9 @@ def _workdir(path, encoder=None, separate=False):
   """A pretraining workdir: config.json and a checkpoint saved as pretrain saves."""
   config = demo.get_config()
   with config.unlocked():
+    # 4-frame clips keep these tests fast, and the visualiser's tests' geometry
+    # (clip offsets, controls 5 frames away) is laid out for them.
+    config.input.num_frames = 4
     if encoder:
       config.model.encoder = encoder
     config.model.separate_encoders = separate
