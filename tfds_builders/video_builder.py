@@ -62,6 +62,19 @@ def size_variants(config_cls: type[VideoConfig], bases: Sequence[dict[str, Any]]
   return configs
 
 
+@dataclasses.dataclass
+class OfficialSplitConfig(VideoConfig):
+  """A data set with numbered official train/test splits (UCF-101, HMDB-51)."""
+  split_number: int = 1  # The official train/test split, 1, 2 or 3.
+
+
+def official_split_configs() -> list[VideoConfig]:
+  """split1, split2, split3, each in every frame size."""
+  return size_variants(OfficialSplitConfig, [
+      dict(name=f"split{k}", split_number=k,
+           description=f"Official train/test split {k}.") for k in (1, 2, 3)])
+
+
 def features(extra: dict[str, tfds.features.FeatureConnector] | None = None
              ) -> tfds.features.FeaturesDict:
   """The shared video features with the class names left open.

@@ -13,7 +13,6 @@ Splits: train and test of the config's official split.
 """
 
 import collections
-import dataclasses
 import glob
 import os
 import pathlib
@@ -31,17 +30,10 @@ _LISTS = "testTrainMulti_7030_splits"
 _SPLIT_IDS = {"1": "train", "2": "test"}  # "0": not used in this split.
 
 
-@dataclasses.dataclass
-class Hmdb51Config(video_builder.VideoConfig):
-  split_number: int = 1  # The official train/test split, 1, 2 or 3.
-
-
 class Builder(video_builder.VideoBuilder):
   """HMDB-51 from its official archives (short side 128, split 1 by default)."""
 
-  BUILDER_CONFIGS = video_builder.size_variants(Hmdb51Config, [
-      dict(name=f"split{k}", split_number=k,
-           description=f"Official train/test split {k}.") for k in (1, 2, 3)])
+  BUILDER_CONFIGS = video_builder.official_split_configs()
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Download hmdb51_org.rar and test_train_splits.rar from
   https://serre-lab.clps.brown.edu/resource/hmdb-a-large-human-motion-database/

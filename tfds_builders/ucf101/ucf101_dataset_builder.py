@@ -14,7 +14,6 @@ instead of failing the build. Labels follow classInd.txt (1-based there,
 folder's. Splits: train and test of the config's official split.
 """
 
-import dataclasses
 import os
 import pathlib
 import sys
@@ -30,17 +29,10 @@ _LISTS = "ucfTrainTestlist"
 _LISTS_ZIP = "UCF101TrainTestSplits-RecognitionTask.zip"
 
 
-@dataclasses.dataclass
-class Ucf101Config(video_builder.VideoConfig):
-  split_number: int = 1  # The official train/test split, 1, 2 or 3.
-
-
 class Builder(video_builder.VideoBuilder):
   """UCF-101 from its official archives (short side 128, split 1 by default)."""
 
-  BUILDER_CONFIGS = video_builder.size_variants(Ucf101Config, [
-      dict(name=f"split{k}", split_number=k,
-           description=f"Official train/test split {k}.") for k in (1, 2, 3)])
+  BUILDER_CONFIGS = video_builder.official_split_configs()
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   Download UCF101.rar and UCF101TrainTestSplits-RecognitionTask.zip from
   https://www.crcv.ucf.edu/data/UCF101.php. Extract UCF101.rar in the manual
