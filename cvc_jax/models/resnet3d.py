@@ -78,14 +78,41 @@ def _frames_conv_2d(x, kernel, strides, padding):
   return y.reshape((b, t) + y.shape[1:])
 
 
+def _frames_kernel_grad(x, dy, kernel_shape, strides, padding):
+  """The kernel gradient of `_frames_conv_2d` as kh matrix products.
+
+  dk[i, j] = sum over frames and output pixels of x_padded[s h + i, s w + j]^T dy[h, w].
+  For each kernel row i the kw shifted inputs are joined along channels, one
+  [kw C, N] x [N, O] product with N = B*T*H'*W'. XLA's CPU backend runs these at
+  matrix-multiply speed; the convolution it emits for the same gradient (one
+  that contracts over all B*T frames) ran 3-4x slower, the 3D form's about 2x
+  (benchmarks/RESULTS.md). One product per tap reads dy kw times as often, which
+  cost the stem (C = 3) a third more.
+  """
+  kh, kw, c, o = kernel_shape[1:]
+  (sh, sw), ((ph0, ph1), (pw0, pw1)) = strides, padding
+  ho, wo = dy.shape[2:4]
+  xp = jnp.pad(x, ((0, 0), (0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
+  dy = dy.reshape(-1, o)
+  acc = jnp.promote_types(x.dtype, jnp.float32)  # bfloat16 sums in float32
+
+  def row(i):
+    shifted = [xp[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+               for j in range(kw)]
+    return lax.dot_general(jnp.concatenate(shifted, axis=-1).reshape(-1, kw * c), dy,
+                           (((0,), (0,)), ((), ())), preferred_element_type=acc)
+
+  return jnp.stack([row(i) for i in range(kh)]).reshape(kernel_shape).astype(x.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _frames_conv(x, kernel, strides, padding):
-  """`_frames_conv_2d` whose kernel gradient runs as the 3D convolution's.
+  """`_frames_conv_2d` whose kernel gradient is `_frames_kernel_grad`.
 
   On XLA's CPU backend the 2D form runs the forward pass and the input gradient
-  2-3x faster than the 3D form, but its kernel gradient (a convolution that
-  contracts over all B*T frames) 4-5x slower (benchmarks/RESULTS.md); so each
-  pass takes the faster form. strides: (sh, sw); padding: ((ph, ph), (pw, pw)).
+  2-3x faster than the 3D form, but the kernel gradient XLA derives for it 4-5x
+  slower (benchmarks/RESULTS.md); that one pass is written out by hand.
+  strides: (sh, sw); padding: ((ph, ph), (pw, pw)).
   """
   return _frames_conv_2d(x, kernel, strides, padding)
 
@@ -97,8 +124,8 @@ def _frames_conv_fwd(x, kernel, strides, padding):
 def _frames_conv_bwd(strides, padding, residuals, dy):
   x, kernel = residuals
   _, dx = jax.vjp(lambda x: _frames_conv_2d(x, kernel, strides, padding), x)
-  _, dk = jax.vjp(lambda k: _conv3d(x, k, (1,) + strides, ((0, 0),) + padding), kernel)
-  return dx(dy)[0], dk(dy)[0]
+  dk = _frames_kernel_grad(x, dy, kernel.shape, strides, padding)
+  return dx(dy)[0], dk
 
 
 _frames_conv.defvjp(_frames_conv_fwd, _frames_conv_bwd)
@@ -128,15 +155,27 @@ class FactorisedConv(nn.Module):
     if kh != 1 or kw != 1:
       raise ValueError(f"FactorisedConv takes (1, k, k) or (k, 1, 1) kernels, got "
                        f"{self.kernel_size}.")
-    # Pixel by pixel: [B*H*W, T, C]. The two transposes cost less than they save:
-    # this form ran forward and backward 1.4x faster than the 3D one; a 2D form
-    # over [B, T, H*W, C] needs no transpose, but its kernel gradient ran 2.5x
-    # slower than the 3D one (benchmarks/RESULTS.md).
     x = x[:, :, ::sh, ::sw]
     b, t, h, w, c = x.shape
+    pad = kt // 2
+    out_t = (t + 2 * pad - kt) // st + 1
+    if out_t <= 2:
+      # A sum of kt matrix products over shifted frames. The 1D form below is
+      # pathological on XLA's CPU backend for such short outputs: R(2+1)D-18's
+      # last temporal convolution (2 frames, 921 channels) took 2.9 s forward
+      # there against 0.02 s as products (benchmarks/RESULTS.md).
+      xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0), (0, 0)))
+      return sum(lax.dot_general(lax.slice_in_dim(xp, d, d + st * (out_t - 1) + 1, st, 1),
+                                 kernel[d, 0, 0], (((4,), (0,)), ((), ())))
+                 for d in range(kt))
+    # Otherwise pixel by pixel: [B*H*W, T, C]. The two transposes cost less than
+    # they save: this form ran forward and backward 1.4x faster than the 3D one; a
+    # 2D form over [B, T, H*W, C] needs no transpose, but its kernel gradient ran
+    # 2.5x slower than the 3D one, and the products 1.5-3x slower for longer
+    # outputs (benchmarks/RESULTS.md).
     y = lax.conv_general_dilated(
         jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(b * h * w, t, c), kernel[:, 0, 0],
-        (st,), [(kt // 2, kt // 2)], dimension_numbers=("NWC", "WIO", "NWC"))
+        (st,), [(pad, pad)], dimension_numbers=("NWC", "WIO", "NWC"))
     return jnp.transpose(y.reshape(b, h, w, y.shape[1], self.features), (0, 3, 1, 2, 4))
 
 
