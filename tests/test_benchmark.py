@@ -216,3 +216,32 @@ def test_remat_keeps_loss_and_gradients():
   for remat in ("blocks", "dots"):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
                  results["none"], results[remat])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_is_flax_batch_norm(dtype):
+  # resnet3d.BatchNorm writes its backward pass by hand; everything else must be
+  # flax's BatchNorm with PyTorch's eps and momentum.
+  ours = resnet3d.BatchNorm(use_running_average=False, dtype=dtype)
+  theirs = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, dtype=dtype)
+  x = jax.random.normal(jax.random.key(0), (4, 3, 5, 5, 6)) * 3 + 1
+  variables = ours.init(jax.random.key(1), x)
+  jax.tree.map(np.testing.assert_array_equal, variables,
+               theirs.init(jax.random.key(1), x))
+  variables = {"params": {"scale": jnp.linspace(0.5, 2, 6), "bias": jnp.linspace(-1, 1, 6)},
+               "batch_stats": {"mean": jnp.linspace(0, 1, 6), "var": jnp.linspace(1, 3, 6)}}
+  weights = jax.random.normal(jax.random.key(2), x.shape)
+
+  def run(module):
+    def loss(params, x):
+      y, stats = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(y.astype(jnp.float32)) * weights), (y, stats)
+    grads, (y, stats) = jax.grad(loss, argnums=(0, 1), has_aux=True)(variables["params"], x)
+    evaluated = module.clone(use_running_average=True).apply(variables, x)
+    return y, stats, evaluated, grads
+
+  (y, stats, evaluated, grads), (y2, stats2, evaluated2, grads2) = run(ours), run(theirs)
+  assert y.dtype == y2.dtype == evaluated.dtype == dtype
+  for a, b in ((y, y2), (stats, stats2), (evaluated, evaluated2)):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads, grads2)
