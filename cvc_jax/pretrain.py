@@ -4,7 +4,6 @@ of section 5, the train state with its concept queues, and the train step.
 
 import functools
 import os
-import signal
 import time
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from cvc_jax import checkpointing
 from cvc_jax import losses
 from cvc_jax.models import cvc
 
@@ -247,11 +247,6 @@ def train_step(state: TrainState, views: jax.Array, config, steps_per_epoch: int
   return new_state, dict(terms, grad_norm=grad_norm, finite=finite)
 
 
-def _abstract(tree):
-  """Shapes, dtypes and shardings of a pytree: orbax's restore target."""
-  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
-
-
 def _checkpoint_tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
   """The saved state: parameters, BatchNorm statistics, optimiser, queues, step,
   and the run's base PRNG key. The input position is the step: batch s is a pure
@@ -259,25 +254,6 @@ def _checkpoint_tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
   return dict(step=state.step, params=state.params, batch_stats=state.batch_stats,
               opt_state=state.opt_state, queue=state.queue,
               rng=jax.random.key_data(rng))
-
-
-class _StopSignal:
-  """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
-
-  def __init__(self):
-    self.received = False
-    self._previous = {}
-    for sig in (signal.SIGTERM,):
-      self._previous[sig] = signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
-    self.received = True
-
-  def restore(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
@@ -330,7 +306,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   latest = manager.latest_step()
   if latest is not None:
     restored = manager.restore(latest, args=ocp.args.StandardRestore(
-        _abstract(_checkpoint_tree(state, rng))))
+        checkpointing.abstract(_checkpoint_tree(state, rng))))
     rng = jax.random.wrap_key_data(restored.pop("rng"))
     state = state.replace(**restored)
     logging.info("Resumed from step %d in %s.", latest, workdir)
@@ -351,7 +327,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   schedule = optax.piecewise_constant_schedule(
       config.optim.lr, {int(e * steps_per_epoch): config.optim.decay_factor
                         for e in config.optim.decay_epochs})
-  stop = _StopSignal()
+  stop = checkpointing.StopSignal()
   log_every = config.get("log_every_steps", 50)
   pending = None  # the previous step's metrics, read one step late to keep overlap
   timer = time.perf_counter()

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from cvc_jax import pretrain
+from cvc_jax import checkpointing
 from cvc_jax import views as views_lib
 from cvc_jax.downstream import evaluate
 from cvc_jax.downstream import metrics
@@ -121,7 +121,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     start_step = manager.latest_step()
     target = dict(step=0, state=state)
     state = manager.restore(start_step, args=ocp.args.StandardRestore(
-        pretrain._abstract(target)))["state"]  # pylint: disable=protected-access
+        checkpointing.abstract(target)))["state"]
     logging.info("Resumed %s from step %d of %d.", config.mode, start_step, total_steps)
 
   writer = metric_writers.create_default_writer(
@@ -129,7 +129,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   rng = jax.random.key(config.seed + 1)
   batches = input_pipeline.train_clip_batches(config, start_step=start_step)
-  stop = pretrain._StopSignal()  # pylint: disable=protected-access
+  stop = checkpointing.StopSignal()
   try:
     for i in range(start_step, total_steps):
       local = next(batches)
