@@ -17,8 +17,9 @@ def get_config(arg=None):
   c.input.dataset = "synthetic_motion"
   # 8 frames, not 4: with 4 the pretrained encoder stayed at chance on the
   # dynamic label (32.0 linear probe vs 22.7 for its initialisation, R@1 33.6 vs
-  # 34.4); with 8, 52.3 vs 43.0 and R@1 48.4 vs 46.1 at seed 0, but 32.0 vs 33.6
-  # and R@1 32.8 vs 46.9 at seed 1 (27 Nov 2026): not yet a reliable gain.
+  # 34.4). With 8 it is still not a reliable gain: seeds 0, 1, 2 gave 39.1 vs
+  # 43.0, 29.7 vs 33.6, 46.1 vs 41.4 (linear) and R@1 48.4 vs 46.1, 39.1 vs 46.9,
+  # 42.2 vs 43.0 (27 Nov 2026, README).
   c.input.num_frames = 8
   c.input.max_rate = 2.0
   c.input.raw_size = (40, 48)
