@@ -57,7 +57,7 @@ def compiled_bytes(step: benchmark.TrainStep) -> int:
 def fit(config, *, remat, min_batch, max_batch, multiple, limit) -> tuple[
     benchmark.TrainStep, str]:
   """The compiled step at the largest batch under `limit` bytes, and how it was found."""
-  steps = {}  # batch -> compiled step, so no batch is compiled twice
+  steps = {}  # the last compiled step, reused when the search asks for it again
 
   def compiled(batch):
     if batch not in steps:

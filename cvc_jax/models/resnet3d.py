@@ -25,8 +25,7 @@ import jax.numpy as jnp
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _batch_norm(x, scale, bias, epsilon):
   """(y, mean, var) of training-mode BatchNorm over every axis but the last."""
   return _batch_norm_fwd(x, scale, bias, epsilon)[0]
@@ -44,7 +43,8 @@ def _batch_norm_fwd(x, scale, bias, epsilon):
   return (y, mean, var), (x, mean, inv, scale)
 
 
-def _batch_norm_bwd(residuals, cotangents):
+def _batch_norm_bwd(epsilon, residuals, cotangents):
+  del epsilon  # inside `inv`
   x, mean, inv, scale = residuals
   dy, dmean, dvar = cotangents
   axes = tuple(range(x.ndim - 1))
@@ -57,7 +57,7 @@ def _batch_norm_bwd(residuals, cotangents):
   # The textbook BatchNorm gradient, plus the (usually zero) cotangents of the
   # returned statistics: d mean / dx = 1 / n, d var / dx = 2 (x - mean) / n.
   dx = (scale * inv) * (dy - (dbias + xhat * dscale) / n) + (dmean + 2 * dvar * centred) / n
-  return dx.astype(x.dtype), dscale, dbias, None
+  return dx.astype(x.dtype), dscale, dbias
 
 
 _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
@@ -94,6 +94,7 @@ class BatchNorm(nn.Module):
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     return y.astype(self.dtype or x.dtype)
+
 
 # Blocks per stage for the named depths (Hara's table; torchvision's 18 is the same).
 DEPTH_TO_BLOCKS = {
