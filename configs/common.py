@@ -67,7 +67,13 @@ def base() -> ml_collections.ConfigDict:
   c.loss.concept_temperature = 0.1  # tau
   c.loss.sinkhorn_eps = 0.05
   c.loss.sinkhorn_iters = 3
-  c.loss.entropy_weight = 0.1
+  # Weight of each term in the total loss (SPEC 4: 1, but 0.1 for the entropy
+  # terms); the loc_* terms also wait for loc_start_epoch. A weight of 0 drops a
+  # term from the gradient; it is still computed and logged.
+  c.loss.weights = ml_collections.ConfigDict({
+      "I_vv": 1.0, "I_vs": 1.0, "I_vd": 1.0, "align_s": 1.0, "align_d": 1.0,
+      "entropy_s": 0.1, "entropy_d": 0.1, "rec_v": 1.0, "rec_s": 1.0, "rec_d": 1.0,
+      "loc_v": 1.0, "loc_s": 1.0, "loc_d": 1.0})
   c.loss.loc_topk = 5  # K_valid: 10% of the K = 50 concepts
   c.loss.loc_topk_strict = False  # reference: ">" against the k-th value
   c.loss.loc_margin = 1.4

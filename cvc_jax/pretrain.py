@@ -92,10 +92,14 @@ def compute_losses(out: dict[str, Any], config, *, queue: jax.Array | None = Non
         out["local"][kind], local_codes[kind], topk=lc.loc_topk,
         strict=lc.loc_topk_strict, margin=lc.loc_margin)
 
-  total = (t["I_vv"] + t["I_vs"] + t["I_vd"] + t["align_s"] + t["align_d"] +
-           lc.entropy_weight * (t["entropy_s"] + t["entropy_d"]) +
-           t["rec_v"] + t["rec_s"] + t["rec_d"])
-  local = t["loc_v"] + t["loc_s"] + t["loc_d"]
+  # The weighted total; the weights are SPEC 4's unless the config says otherwise.
+  weights = lc.weights
+  missing, extra = set(TERMS) - set(weights), set(weights) - set(TERMS)
+  if missing or extra:
+    raise ValueError(f"config.loss.weights must weigh exactly the terms {TERMS}: "
+                     f"missing {sorted(missing)}, unknown {sorted(extra)}.")
+  total = sum(weights[n] * t[n] for n in TERMS if not n.startswith("loc_"))
+  local = sum(weights[n] * t[n] for n in ("loc_v", "loc_s", "loc_d"))
   t["total"] = total + jnp.where(jnp.asarray(epoch) >= lc.loc_start_epoch, local, 0.0)
   return t
 

@@ -104,6 +104,39 @@ def test_prototype_gradients_follow_the_views_that_use_them():
   assert g["lit"] > 0 and g["prototype"] > 0 and g["prototype_s"] == 0
 
 
+def test_total_is_the_weighted_sum_of_the_terms():
+  """SPEC 4's total by default (entropy at 0.1, L_loc from loc_start_epoch), the
+  config's weights otherwise, and a weights dict that misses a term is refused."""
+  config = ucf101.get_config("runlocal")
+  variables, views, queue = _setup(config, batch=4)
+  out, _ = jax.jit(functools.partial(cvc.build_model(config).apply, train=True,
+                                     mutable=["batch_stats"]))(variables, views)
+  start = config.loss.loc_start_epoch
+
+  def total(config, epoch):
+    t = pretrain.compute_losses(out, config, queue=queue, epoch=epoch)
+    return {k: float(v) for k, v in t.items()}
+
+  t = total(config, start)
+  spec = (t["I_vv"] + t["I_vs"] + t["I_vd"] + t["align_s"] + t["align_d"] +
+          0.1 * (t["entropy_s"] + t["entropy_d"]) + t["rec_v"] + t["rec_s"] + t["rec_d"])
+  local = t["loc_v"] + t["loc_s"] + t["loc_d"]
+  assert local > 0
+  np.testing.assert_allclose(t["total"], spec + local, rtol=1e-6)
+  np.testing.assert_allclose(total(config, start - 1)["total"], spec, rtol=1e-6)
+
+  with config.unlocked():
+    config.loss.weights.I_vd = 6.0
+    config.loss.weights.rec_v = 0.0
+    config.loss.weights.loc_s = 2.0
+  np.testing.assert_allclose(total(config, start)["total"], spec + local + 5 * t["I_vd"]
+                             - t["rec_v"] + t["loc_s"], rtol=1e-6)
+  with config.unlocked():
+    del config.loss.weights["rec_d"]
+  with pytest.raises(ValueError, match=r"missing \['rec_d'\]"):
+    total(config, start)
+
+
 def test_bfloat16_compute_keeps_float32_parameters():
   config = ucf101.get_config("runlocal")
   variables, views, queue = _setup(config, batch=4)
