@@ -1,6 +1,6 @@
 """How much of the top dynamic concept's attention lands on the moving object.
 
-    python benchmarks/attention_on_object.py --init_from=/tmp/cvc_demo [--path=rgb]
+    python benchmarks/attention_on_object.py --init_from=/tmp/cvc_demo [--path=rgb] [--short_side=128]
 
 Over the moving videos among the first `--videos` test videos of
 `synthetic_motion` (rendered directly, no data set needed): the mean, over
@@ -24,6 +24,9 @@ from tfds_builders.synthetic_motion import synthetic_motion_dataset_builder as m
 flags.DEFINE_string("init_from", None, "A pretraining workdir.", required=True)
 flags.DEFINE_enum("path", "kinds", ["kinds", "rgb"], "As cvc_jax.visualize's --path.")
 flags.DEFINE_integer("videos", 16, "Test videos to look at (the still ones are skipped).")
+flags.DEFINE_integer("short_side", None, "As cvc_jax.visualize's --short_side: the "
+                     "frames' short side in the model's input (default: the crop size or 128, "
+                     "whichever is larger).")
 FLAGS = flags.FLAGS
 
 
@@ -46,7 +49,7 @@ def main(argv):
       np.save(os.path.join(tmp, "video.npy"), video["video"])
       drawn = visualize.visualize(FLAGS.init_from, os.path.join(tmp, "video.npy"),
                                   os.path.join(tmp, "out"), num_concepts=1,
-                                  path=FLAGS.path)
+                                  path=FLAGS.path, short_side=FLAGS.short_side)
       maps = drawn["dynamic"][2][..., 0]  # [N, H, W], the most active dynamic concept
       masks = box_masks(video["object_box"], *video["video"].shape[1:3])
       shares.append(np.mean((maps * masks).sum((1, 2)) / maps.sum((1, 2))))

@@ -24,9 +24,10 @@ draws where the most active concepts look, and exports the encoder.
 
 **In Colab:** *Runtime > Change runtime type* picks a TPU, a GPU or the CPU; set
 `REPO_URL` in the next cell to a git URL of this repository (your fork or mirror),
-then *Runtime > Run all*. The sizes below are the demo's (about 6 minutes on 2 CPU
-cores, much less on an accelerator). Run inside a clone of the repository (as CI does),
-the notebook uses that clone and needs no URL."""
+then *Runtime > Run all*. The sizes below are the demo's (its pretraining and
+evaluation take about 4 minutes on 2 CPU cores, much less on an accelerator). Run
+inside a clone of the repository (as CI does), the notebook uses that clone and
+needs no URL."""
 
 PARAMETERS = """\
 # Parameters (papermill-style: CI replaces them with smaller sizes).
@@ -34,7 +35,7 @@ REPO_URL = ""  # git URL of cvc_jax, for Colab; unused inside a clone
 WORKDIR = "/tmp/cvc_colab"  # checkpoints, TensorBoard events, results, pictures
 DATA_DIR = "/tmp/cvc_colab/tfds"  # where the synthetic data set is built
 DATASET = "synthetic_motion"  # 512 train / 128 test videos; "synthetic_motion/tiny": 16 / 8
-NUM_EPOCHS = 6  # pretraining epochs (the demo's 6: 192 steps)
+NUM_EPOCHS = 12  # pretraining epochs (the demo's 12: 384 steps)
 BATCH_SIZE = 16  # global; a multiple of the number of devices
 NUM_CLIPS = 10  # evaluation clips per video (SPEC 6)
 VIDEO_INDEX = 11  # synthetic test video to draw the concepts on (a horizontal mover)"""
