@@ -2,7 +2,7 @@ r"""PyTorch baseline: the authors' pretraining step on random views, timed.
 
     python benchmarks/torch_baseline.py --batch_size=2 --frames=16 --size=128 \
         --blocks=1,1,1,1 --concepts=50 --sigma=mlp [--amp bf16] [--channels_last] \
-        [--compile] [--json FILE]
+        [--compile] [--keep_host_memory] [--json FILE]
     python benchmarks/torch_baseline.py --config=configs/ucf101.py --batch_size=16
 
 One step is what the authors' `train.py` does per batch: the prototypes
@@ -37,6 +37,11 @@ import time
 # GPU so it cannot take the memory this process measures.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# glibc malloc as PyTorch users run it, unless --keep_host_memory asks for what
+# `import cvc_jax` does on CPU-only hosts (cvc_jax/host_memory.py). It has to be
+# decided before torch starts threads, so before the flags are parsed.
+os.environ["CVC_JAX_KEEP_HOST_MEMORY"] = "1" if "--keep_host_memory" in sys.argv else "0"
+import cvc_jax  # pylint: disable=g-import-not-at-top,unused-import
 
 import torch  # pylint: disable=g-import-not-at-top
 import torch.nn as nn
@@ -81,6 +86,8 @@ def parse_args(argv=None):
   p.add_argument("--channels_last", action="store_true",
                  help="channels_last_3d layout for the encoder and its input")
   p.add_argument("--compile", action="store_true", help="torch.compile the forward+loss")
+  p.add_argument("--keep_host_memory", action="store_true",
+                 help="glibc malloc keeps freed memory, as cvc_jax sets it on CPU hosts")
   p.add_argument("--steps", type=int, default=20, help="timed steps")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
   p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -251,7 +258,8 @@ class TorchStep:
     dtype = "bfloat16" if args.amp == "bf16" else "float32"
     tuned = [n for n, on in (("AMP bf16", args.amp == "bf16"),
                              ("channels_last", args.channels_last),
-                             ("torch.compile", args.compile)) if on]
+                             ("torch.compile", args.compile),
+                             ("host memory kept", cvc_jax.HOST_MEMORY_KEPT)) if on]
     return benchmark.Result(
         framework=f"torch {torch.__version__}", device_kind=kind, device_count=1,
         dtype=dtype, global_batch=args.batch_size,

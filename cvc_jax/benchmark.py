@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 from ml_collections import config_flags
 
+import cvc_jax
 from cvc_jax import pretrain
 from cvc_jax import views as views_lib
 from cvc_jax.models import resnet3d
@@ -246,7 +247,8 @@ class TrainStep:
     kind, c = self.devices[0].device_kind, self.config
     notes = (f"views+fwd+bwd+Adam, frames on device, conv_impl="
              f"{resnet3d.resolve_conv_impl(c.model.encoder.get('conv_impl', 'auto'))}, "
-             f"remat={c.get('remat', 'none')}")
+             f"remat={c.get('remat', 'none')}, host memory "
+             f"{'kept' if cvc_jax.HOST_MEMORY_KEPT else 'glibc default'}")
     return Result(
         framework=f"jax {jax.__version__}", device_kind=kind,
         device_count=len(self.devices), dtype=c.dtype, global_batch=c.batch_size,
