@@ -38,8 +38,8 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # glibc malloc as PyTorch users run it, unless --keep_host_memory asks for what
-# `import cvc_jax` does on CPU-only hosts (cvc_jax/host_memory.py). It has to be
-# decided before torch starts threads, so before the flags are parsed.
+# `import cvc_jax` does with CVC_JAX_KEEP_HOST_MEMORY=1 (cvc_jax/host_memory.py).
+# It has to be decided before torch starts threads, so before the flags are parsed.
 os.environ["CVC_JAX_KEEP_HOST_MEMORY"] = "1" if "--keep_host_memory" in sys.argv else "0"
 import cvc_jax  # pylint: disable=g-import-not-at-top,unused-import
 
@@ -87,7 +87,8 @@ def parse_args(argv=None):
                  help="channels_last_3d layout for the encoder and its input")
   p.add_argument("--compile", action="store_true", help="torch.compile the forward+loss")
   p.add_argument("--keep_host_memory", action="store_true",
-                 help="glibc malloc keeps freed memory, as cvc_jax sets it on CPU hosts")
+                 help="glibc malloc keeps freed memory, as CVC_JAX_KEEP_HOST_MEMORY=1 "
+                 "does for cvc_jax")
   p.add_argument("--steps", type=int, default=20, help="timed steps")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
   p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

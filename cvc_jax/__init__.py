@@ -2,5 +2,6 @@
 
 from cvc_jax import host_memory
 
-# Before jax or TensorFlow start threads: glibc fixes its arena limit then.
+# Opt-in (CVC_JAX_KEEP_HOST_MEMORY=1), and before jax or TensorFlow start
+# threads: glibc fixes its arena limit then.
 HOST_MEMORY_KEPT = host_memory.keep_freed_memory()
