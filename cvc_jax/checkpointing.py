@@ -23,7 +23,7 @@ class StopSignal:
 
   def __init__(self):
     self.received = False
-    self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._handle)}
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del frame
@@ -31,5 +31,4 @@ class StopSignal:
     self.received = True
 
   def restore(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+    signal.signal(signal.SIGTERM, self._previous)

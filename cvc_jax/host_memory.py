@@ -4,11 +4,12 @@ XLA's CPU runtime allocates each execution's temporaries from its worker threads
 (10.7 GB per train step of `configs/reference.py` at batch 2) and frees them at
 the end. glibc serves a worker thread from its own arena, and an arena other
 than the main one takes any block over 64 MB straight from mmap and unmaps it on
-free, so every step faults in, and the kernel zeroes, every page again: 28 M
-minor page faults and 125 s of system time in a 9-step benchmark run, whatever
-`mmap_max` says. With one arena (the main heap, for every thread), no mmap and no
-trimming, freed blocks stay mapped and are reused: 3.3 M faults, 40 s, and the
-step went from 22.3 s to 19.8 s (benchmarks/RESULTS.md).
+free, so every step faults in, and the kernel zeroes, every page again, whatever
+`mmap_max` says: with `mmap_max=0` and no trimming, 28 M minor page faults and
+125 s of system time in a 9-step benchmark run (29 M with glibc's defaults).
+With one arena as well (the main heap, for every thread), freed blocks stay
+mapped and are reused: 3.3 M faults, 40 s, and the step went from 22.3 s to
+19.8 s (benchmarks/RESULTS.md).
 
 It is opt-in, `CVC_JAX_KEEP_HOST_MEMORY=1` in the environment, because it is not
 a win everywhere: with it on, the test suite (many small jitted programs, 8 fake

@@ -98,8 +98,9 @@ def compute_losses(out: dict[str, Any], config, *, queue: jax.Array | None = Non
   if missing or extra:
     raise ValueError(f"config.loss.weights must weigh exactly the terms {TERMS}: "
                      f"missing {sorted(missing)}, unknown {sorted(extra)}.")
-  total = sum(weights[n] * t[n] for n in TERMS if not n.startswith("loc_"))
-  local = sum(weights[n] * t[n] for n in ("loc_v", "loc_s", "loc_d"))
+  weighted = {n: weights[n] * t[n] for n in TERMS}
+  local = sum(v for n, v in weighted.items() if n.startswith("loc_"))
+  total = sum(v for n, v in weighted.items() if not n.startswith("loc_"))
   t["total"] = total + jnp.where(jnp.asarray(epoch) >= lc.loc_start_epoch, local, 0.0)
   return t
 
