@@ -3,9 +3,9 @@ r"""The largest batch whose JAX train step fits the device's memory, then timed.
     python benchmarks/fit_batch.py --config=configs/ucf101.py \
         --config.dtype=bfloat16 [--remat=dots] --min_batch=16 --json=FILE
 
-Compiles the step at `min_batch` and `2 * min_batch` videos and reads XLA's
-memory analysis of each (arguments + outputs + temporaries - donated aliases);
-memory grows linearly in the batch, so the two give the largest batch under
+Compiles the step at `min_batch` and `2 * min_batch` videos (on GPU without
+autotuning, see PROBE_OPTIONS) and reads XLA's memory analysis of each
+(arguments + outputs + temporaries - donated aliases); memory grows linearly in the batch, so the two give the largest batch under
 `--fraction` of the device's memory limit, rounded down to `--multiple`. That
 batch is compiled (and stepped down while its analysis is over the limit), then
 timed as `python -m cvc_jax.benchmark` times it. Compiling, not running, keeps a
@@ -33,6 +33,16 @@ _FRACTION = flags.DEFINE_float("fraction", 0.9, "Share of the memory limit to fi
 _LIMIT_GB = flags.DEFINE_float(
     "memory_limit_gb", None, "Memory limit per device in GiB; default: the device "
     "allocator's bytes_limit (GPU, TPU). Required on CPU.")
+_TRACE_DIR = flags.DEFINE_string(
+    "trace_dir", None, "After timing, trace 3 more steps with jax.profiler into this "
+    "folder and write the optimised HLO beside it (step.hlo), for "
+    "`benchmarks/profile_step.py`'s per-op reading without another compilation.")
+
+
+# XLA options for the two probe compilations, per platform: on GPU, autotuning
+# every convolution of each probe would take most of a compile that is never run.
+PROBE_OPTIONS = {"gpu": {"xla_gpu_autotune_level": 0},
+                 "cuda": {"xla_gpu_autotune_level": 0}}
 
 
 def _log(message):
@@ -54,25 +64,34 @@ def compiled_bytes(step: benchmark.TrainStep) -> int:
              m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def fit(config, *, remat, min_batch, max_batch, multiple, limit) -> tuple[
-    benchmark.TrainStep, str]:
-  """The compiled step at the largest batch under `limit` bytes, and how it was found."""
+def fit(config, *, remat, min_batch, max_batch, multiple, limit,
+        probe_options=None) -> tuple[benchmark.TrainStep, str]:
+  """The compiled step at the largest batch under `limit` bytes, and how it was found.
+
+  The two probes are compiled with `probe_options` (GPU: autotuning off, which
+  changes only the convolutions' workspace, not what the batch needs); the batch
+  that is timed is compiled with the defaults.
+  """
   steps = {}  # the last compiled step, reused when the search asks for it again
 
-  def compiled(batch):
-    if batch not in steps:
+  def compiled(batch, probe=False):
+    if (batch, probe) not in steps:
       steps.clear()  # one step's state and frames on the device at a time
-      steps[batch] = benchmark.TrainStep(with_batch(config, batch), remat=remat, log=_log)
-    return steps[batch]
+      steps[batch, probe] = benchmark.TrainStep(
+          with_batch(config, batch), remat=remat, log=_log,
+          compiler_options=probe_options if probe else None)
+    return steps[batch, probe]
 
-  b1, b2 = min_batch, 2 * min_batch
-  m1 = compiled_bytes(compiled(b1))
-  m2 = compiled_bytes(compiled(b2))
-  per_video = max((m2 - m1) / (b2 - b1), 1.0)
-  batch = int(b1 + (limit - m1) / per_video) // multiple * multiple
-  batch = max(min(batch, max_batch), min_batch)
-  _log(f"Memory at batch {b1}: {m1 / 2**30:.2f} GiB, at {b2}: {m2 / 2**30:.2f} GiB; "
-       f"limit {limit / 2**30:.2f} GiB -> batch {batch}.")
+  batch = min_batch  # max_batch == min_batch: that batch, if it fits, unprobed
+  if max_batch > min_batch:
+    b1, b2 = min_batch, 2 * min_batch
+    m1 = compiled_bytes(compiled(b1, probe=True))
+    m2 = compiled_bytes(compiled(b2, probe=True))
+    per_video = max((m2 - m1) / (b2 - b1), 1.0)
+    batch = int(b1 + (limit - m1) / per_video) // multiple * multiple
+    batch = max(min(batch, max_batch), min_batch)
+    _log(f"Memory at batch {b1}: {m1 / 2**30:.2f} GiB, at {b2}: {m2 / 2**30:.2f} "
+         f"GiB; limit {limit / 2**30:.2f} GiB -> batch {batch}.")
   while True:
     step = compiled(batch)
     need = compiled_bytes(step)
@@ -82,6 +101,8 @@ def fit(config, *, remat, min_batch, max_batch, multiple, limit) -> tuple[
     batch -= multiple
   how = (f"largest batch (multiple of {multiple}) within {limit / 2**30:.1f} GiB by "
          f"XLA memory analysis: {need / 2**30:.2f} GiB")
+  if max_batch <= min_batch:
+    how = f"batch as asked; {need / 2**30:.2f} GiB by XLA memory analysis"
   if need > limit:
     how = f"batch {batch} needs {need / 2**30:.2f} GiB, over {limit / 2**30:.1f} GiB"
   return step, how
@@ -99,12 +120,20 @@ def main(argv):
     limit = stats["bytes_limit"]
   step, how = fit(FLAGS.config, remat=FLAGS.remat, min_batch=_MIN_BATCH.value,
                   max_batch=_MAX_BATCH.value, multiple=_MULTIPLE.value,
-                  limit=_FRACTION.value * limit)
+                  limit=_FRACTION.value * limit,
+                  probe_options=PROBE_OPTIONS.get(jax.devices()[0].platform))
   result = step.result(benchmark.time_steps(step, steps=FLAGS.steps, warmup=FLAGS.warmup))
   result.notes += "; " + how
   print(benchmark.format_table(result))
   if FLAGS.json:
     benchmark.write_json(result, FLAGS.json)
+  if _TRACE_DIR.value:
+    os.makedirs(_TRACE_DIR.value, exist_ok=True)
+    with open(os.path.join(_TRACE_DIR.value, "step.hlo"), "w") as f:
+      f.write(step.compiled.as_text())
+    jax.profiler.start_trace(_TRACE_DIR.value)
+    benchmark.time_steps(step, steps=3, warmup=0)
+    jax.profiler.stop_trace()
 
 
 if __name__ == "__main__":

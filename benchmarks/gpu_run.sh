@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
 # Both train-step benchmarks on one GPU, for benchmarks/RESULTS.md: the JAX step of
-# the default config (configs/ucf101.py: R(2+1)D-18 [2,2,2,2], 16x112x112) in bf16
-# at the largest batch that fits (>= 16 videos), with and without rematerialisation,
-# and the PyTorch baseline at that batch, tuned (AMP bf16, channels_last,
-# torch.compile) and as the authors ran it (fp32, eager).
+# the default config (configs/ucf101.py: R(2+1)D-18 [2,2,2,2], 16x112x112) in bf16,
+# and the PyTorch baseline at the same batch, as the authors ran it (fp32, eager)
+# and tuned (AMP bf16, channels_last, torch.compile, cudnn.benchmark); then the JAX
+# step at the largest batch that fits, with and without rematerialisation.
 #
 # The GPU machine has no internet and lacks dm-pix and ml-collections (pure-Python
 # wheels). With internet, from the repository root, once:
 #     bash benchmarks/gpu_run.sh --fetch     # wheels into .whl/ (git-ignored there)
 # then on the GPU machine (device tool: carry [".whl"]), from the repository root:
-#     OUT=$OUT bash benchmarks/gpu_run.sh
-# Results: $OUT/*.json and $OUT/summary.md (the table for RESULTS.md), log in $OUT/log.
-# The stages' timeouts add up to 590 s, inside one 10-minute call; the remat stage
-# comes last and is the one to lose. To split it over two calls: STAGES="1 2", then
-# STAGES="3 4" BATCH=<stage 1's batch>. Stage 5 (not run by default) times the JAX
-# step with the other form of the convolutions (conv_impl=2d1d), to check on the
-# card the choice conv_impl='auto' makes there (3d).
+#     OUT=$OUT bash benchmarks/gpu_run.sh                  # stages 1 3 2
+#     OUT=$OUT STAGES="4 5" bash benchmarks/gpu_run.sh     # a second call
+# Results: $OUT/*.json and $OUT/summary.md (the table for RESULTS.md), log in $OUT/log,
+# and $OUT/1_trace.tar.gz (3 traced steps of stage 1 and their HLO; read them here with
+# `python benchmarks/profile_step.py --read=DIR`). Stages run in the order
+# 1 3 2 4 5 6; each gets its own timeout or what is left of DEADLINE (seconds since
+# the start, default 560, inside one 10-minute call), whichever is less, and is
+# skipped with under 30 s left.
+# Measured on an H100 SXM (2026-11-27, jax 0.11.2, torch 2.11): one XLA compilation
+# of the ucf101 step takes about 110 s (cuDNN autotuning), so stage 1 takes about
+# 135 s, stage 3 25 s, stage 2 140 s (torch.compile 100 s); stages 4 and 5 compile
+# twice more (two probes without autotuning, then the batch found) and need a call
+# of their own. Stage 6 times the JAX step with the other form of the convolutions
+# (conv_impl=2d1d), to check on the card the choice conv_impl='auto' makes (3d).
 # Dry run on a CPU (tiny model, batch 2-4, torch.compile left out: on a CPU it
 # builds C++ for minutes); its result is in benchmarks/RESULTS.md:
 #     CONFIG=configs/reference.py:runlocal MIN_BATCH=2 MAX_BATCH=4 MULTIPLE=2 \
-#       MEMORY_LIMIT_GB=1 STEPS=2 TORCH_EXTRA=--device=cpu TORCH_TUNED=--channels_last \
-#       STAGES="1 2 3 4 5" OUT=/tmp/gpu_dry bash benchmarks/gpu_run.sh
+#       MEMORY_LIMIT_GB=1 STEPS=2 TORCH_EXTRA=--device=cpu \
+#       TORCH_TUNED="--channels_last --cudnn_benchmark" STAGES="1 3 2 4 5 6" \
+#       DEADLINE=900 OUT=/tmp/gpu_dry bash benchmarks/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,7 +46,8 @@ MULTIPLE=${MULTIPLE:-8}
 STEPS=${STEPS:-20}
 REMAT=${REMAT:-dots}
 TORCH_EXTRA=${TORCH_EXTRA:-}
-TORCH_TUNED=${TORCH_TUNED:---amp=bf16 --channels_last --compile}
+TORCH_TUNED=${TORCH_TUNED:---amp=bf16 --channels_last --compile --cudnn_benchmark}
+DEADLINE=${DEADLINE:-560}
 LIMIT=${MEMORY_LIMIT_GB:+--memory_limit_gb=$MEMORY_LIMIT_GB}
 FIT="--min_batch=$MIN_BATCH --max_batch=$MAX_BATCH --multiple=$MULTIPLE $LIMIT"
 mkdir -p "$OUT"
@@ -62,9 +71,16 @@ python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices()[0].de
 '| torch', torch.__version__)"
 date -u
 
-STAGES=${STAGES:-1 2 3 4}
+STAGES=${STAGES:-1 3 2}
 stage() {  # stage NAME TIMEOUT_S COMMAND...: run, report, never stop the script
   local name=$1 limit=$2; shift 2
+  local left=$((DEADLINE - SECONDS))
+  (( left < limit )) && limit=$left
+  if (( limit < 30 )); then
+    echo "=== $name: skipped, ${left} s left of DEADLINE=${DEADLINE}"
+    : > /tmp/cvc_stage.log  # no out-of-memory to retry on
+    return 1
+  fi
   echo "=== $name (timeout ${limit}s): $*"
   local start=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee /tmp/cvc_stage.log
@@ -73,15 +89,18 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...: run, report, never stop the script
   return "$rc"
 }
 
-# 1) JAX, bf16, the largest batch XLA's memory analysis says fits, timed.
+# 1) JAX, bf16, at MIN_BATCH (one compilation), timed, then 3 steps traced.
 if [[ " $STAGES " == *" 1 "* ]]; then
   stage jax_bf16 200 python3 benchmarks/fit_batch.py --config="$CONFIG" \
-      --config.dtype=bfloat16 $FIT --steps="$STEPS" --json="$OUT/1_jax_bf16.json"
+      --config.dtype=bfloat16 --min_batch="$MIN_BATCH" --max_batch="$MIN_BATCH" \
+      $LIMIT --steps="$STEPS" --json="$OUT/1_jax_bf16.json" --trace_dir=/tmp/cvc_trace
+  # The trace events and the HLO; the xplane protobuf can outgrow what comes back.
+  tar czf "$OUT/1_trace.tar.gz" -C /tmp --exclude="*.xplane.pb" cvc_trace 2>/dev/null
 fi
-BATCH=${BATCH:-$(python3 -c "import json; print(json.load(open('$OUT/1_jax_bf16.json'))\
-['global_batch'])" 2>/dev/null || echo "$MIN_BATCH")}
+BATCH=${BATCH:-$MIN_BATCH}
 
-# 2) and 3) PyTorch at the same batch, halved while it runs out of memory.
+# 3) and 2) PyTorch at the same batch, halved while it runs out of memory: as the
+#    authors ran it first (it costs no compilation), then tuned.
 torch_run() {  # torch_run NAME TIMEOUT_S FLAGS...
   local name=$1 limit=$2; shift 2
   local b=$BATCH
@@ -95,23 +114,30 @@ torch_run() {  # torch_run NAME TIMEOUT_S FLAGS...
 }
 ENCODER=--encoder=torchvision
 python3 -c "import torchvision" 2>/dev/null || ENCODER=--encoder=ours
-[[ " $STAGES " == *" 2 "* ]] && torch_run 2_torch_bf16_tuned 150 $ENCODER $TORCH_TUNED
 [[ " $STAGES " == *" 3 "* ]] && torch_run 3_torch_fp32_authors 90 $ENCODER --amp=none
+[[ " $STAGES " == *" 2 "* ]] && torch_run 2_torch_bf16_tuned 180 $ENCODER $TORCH_TUNED
 
-# 4) JAX, bf16, rematerialised (config.remat; dots: each block keeps only its
-#    convolution outputs): a larger batch in the same memory.
+# 4) JAX, bf16, the largest batch XLA's memory analysis says fits, timed.
 if [[ " $STAGES " == *" 4 "* ]]; then
-  stage jax_bf16_remat 150 python3 benchmarks/fit_batch.py --config="$CONFIG" \
-      --config.dtype=bfloat16 --remat="$REMAT" $FIT --steps="$STEPS" \
-      --json="$OUT/4_jax_bf16_remat.json"
+  stage jax_bf16_fit 300 python3 benchmarks/fit_batch.py --config="$CONFIG" \
+      --config.dtype=bfloat16 $FIT --steps="$STEPS" --json="$OUT/4_jax_bf16_fit.json"
 fi
 
-# 5) (optional) JAX, bf16, stage 1's batch, convolutions in the 2D + 1D form.
+# 5) The same, rematerialised (config.remat; dots: each block keeps only its
+#    convolution outputs): a larger batch in the same memory.
 if [[ " $STAGES " == *" 5 "* ]]; then
-  stage jax_bf16_2d1d 150 python3 -m cvc_jax.benchmark --config="$CONFIG" \
+  stage jax_bf16_remat 300 python3 benchmarks/fit_batch.py --config="$CONFIG" \
+      --config.dtype=bfloat16 --remat="$REMAT" $FIT --steps="$STEPS" \
+      --json="$OUT/5_jax_bf16_remat.json"
+fi
+
+# 6) JAX, bf16, at BATCH, convolutions in the 2D + 1D form.
+if [[ " $STAGES " == *" 6 "* ]]; then
+  stage jax_bf16_2d1d 200 python3 -m cvc_jax.benchmark --config="$CONFIG" \
       --config.dtype=bfloat16 --config.batch_size="$BATCH" \
       --config.model.encoder.conv_impl=2d1d --steps="$STEPS" \
-      --json="$OUT/5_jax_bf16_2d1d.json"
+      --json="$OUT/6_jax_bf16_2d1d.json"
 fi
 
-python3 benchmarks/summarize.py "$OUT"/[0-9]_*.json | tee "$OUT/summary.md"
+ls "$OUT"/[0-9]_*.json >/dev/null 2>&1 &&
+  python3 benchmarks/summarize.py "$OUT"/[0-9]_*.json | tee "$OUT/summary.md"

@@ -86,6 +86,10 @@ def parse_args(argv=None):
   p.add_argument("--channels_last", action="store_true",
                  help="channels_last_3d layout for the encoder and its input")
   p.add_argument("--compile", action="store_true", help="torch.compile the forward+loss")
+  p.add_argument("--cudnn_benchmark", action="store_true",
+                 help="torch.backends.cudnn.benchmark: time cuDNN's algorithms for each "
+                 "convolution shape in the first step (off by default, and in the "
+                 "authors' code)")
   p.add_argument("--keep_host_memory", action="store_true",
                  help="glibc malloc keeps freed memory, as CVC_JAX_KEEP_HOST_MEMORY=1 "
                  "does for cvc_jax")
@@ -198,6 +202,7 @@ class TorchStep:
   def __init__(self, args):
     self.args = args
     self.device = device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
     self.model = model = build_model(args).to(device).train()
     fmt = torch.channels_last_3d if args.channels_last else torch.contiguous_format
@@ -260,7 +265,14 @@ class TorchStep:
     tuned = [n for n, on in (("AMP bf16", args.amp == "bf16"),
                              ("channels_last", args.channels_last),
                              ("torch.compile", args.compile),
+                             ("cudnn.benchmark", args.cudnn_benchmark),
                              ("host memory kept", cvc_jax.HOST_MEMORY_KEPT)) if on]
+    how = ", ".join(tuned) or "eager"
+    if (self.device.type == "cuda" and dtype == "float32" and
+        torch.backends.cudnn.allow_tf32):
+      # PyTorch's default: float32 convolutions run on the tensor cores in TF32
+      # (the MFU column still counts against the float32 peak).
+      how += ", cuDNN convolutions in TF32 (PyTorch's default)"
     return benchmark.Result(
         framework=f"torch {torch.__version__}", device_kind=kind, device_count=1,
         dtype=dtype, global_batch=args.batch_size,
@@ -269,7 +281,7 @@ class TorchStep:
         peak_tflops_per_device=benchmark.peak_tflops(kind, dtype),
         peak_memory_bytes=int(memory), peak_memory_source=memory_source,
         compile_time_s=self.compile_time,
-        notes=("fwd+bwd+Adam on prebuilt views, " + (", ".join(tuned) or "eager") +
+        notes=("fwd+bwd+Adam on prebuilt views, " + how +
                f", {args.encoder} encoder; compile time = first timed-kind step"))
 
 
