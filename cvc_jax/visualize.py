@@ -208,13 +208,26 @@ def view_clips(x: jax.Array, kind: str, config, stride: int = 1):
     return (jnp.broadcast_to(x[:, None], (n, t) + x.shape[1:]), np.arange(n),
             np.full(n, (t - 1) // 2))
   index = np.minimum(np.arange(max(n, t)), n - 1)
-  starts = clip_starts(len(index), t, stride)
+  starts, chosen = frame_clips(n, t, stride)
   clips = x[index[starts[:, None] + np.arange(t)]]
   if kind == "d":
     clips = frame_differences(clips, config)
-  centres = starts + (t - 1) / 2
-  chosen = np.argmin(np.abs(centres[None, :] - np.arange(n)[:, None]), axis=1)
   return clips, chosen, np.arange(n) - starts[chosen]
+
+
+def frame_clips(num_frames: int, clip_length: int, stride: int = 1):
+  """(clip starts [M], the clip that shows each frame [N]) of `view_clips`' v and
+  d clips: every `stride` frames, each frame shown by the clip centred nearest it.
+
+  Where the encoder's temporal stride spans the clip (8 frames through
+  R(2+1)D-18: one step of the map in time), one map serves all its frames: frame
+  i's picture shows where the concept looked over frames starts[chosen[i]] to
+  starts[chosen[i]] + clip_length - 1.
+  """
+  starts = clip_starts(max(num_frames, clip_length), clip_length, stride)
+  centres = starts + (clip_length - 1) / 2
+  chosen = np.argmin(np.abs(centres[None, :] - np.arange(num_frames)[:, None]), axis=1)
+  return starts, chosen
 
 
 def video_attention(model: ViewConcepts, variables, config, frames: np.ndarray, *,
