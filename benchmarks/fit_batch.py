@@ -5,12 +5,14 @@ r"""The largest batch whose JAX train step fits the device's memory, then timed.
 
 Compiles the step at `min_batch` and `2 * min_batch` videos (on GPU without
 autotuning, see PROBE_OPTIONS) and reads XLA's memory analysis of each
-(arguments + outputs + temporaries - donated aliases); memory grows linearly in the batch, so the two give the largest batch under
-`--fraction` of the device's memory limit, rounded down to `--multiple`. That
-batch is compiled (and stepped down while its analysis is over the limit), then
-timed as `python -m cvc_jax.benchmark` times it. Compiling, not running, keeps a
-batch that does not fit from ever allocating. Flags: those of
-`cvc_jax.benchmark` and the ones below.
+(arguments + outputs + temporaries - donated aliases); memory grows linearly in
+the batch, so the two give the largest batch under `--fraction` of the
+device's memory limit, rounded down to `--multiple`. That batch is compiled
+(and stepped down while its analysis is over the limit), then timed as
+`python -m cvc_jax.benchmark` times it. Compiling, not running, keeps a batch
+that does not fit from ever allocating. With `--max_batch` equal to
+`--min_batch` there are no probes: that batch is compiled once and timed.
+Flags: those of `cvc_jax.benchmark` and the ones below.
 """
 
 import os

@@ -10,7 +10,8 @@ time, summed over the traced steps, each with its share of the step, its shape a
 convolution window from the optimised HLO, and the JAX operation it came from, so
 "the transposed 3x1x1 convolution of layer2" can be told from its forward pass.
 On GPU the time is the kernels' (device) time. `--read=DIR` reads a trace that
-`benchmarks/fit_batch.py --trace_dir=DIR` wrote on another machine. Flags: those of `cvc_jax.benchmark` and the ones below.
+`benchmarks/fit_batch.py --trace_dir=DIR` wrote on another machine. Flags: those
+of `cvc_jax.benchmark` and the ones below.
 """
 
 import collections
