@@ -18,16 +18,20 @@ preference gets). `tests/test_visualize.py` runs `measure` on a committed
 checkpoint.
 """
 
+import json
 import os
 import sys
 import tempfile
 
 from absl import app
 from absl import flags
+import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cvc_jax import visualize  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cvc_jax.models import cvc  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cvc_jax.models import exported  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tfds_builders.synthetic_motion import synthetic_motion_dataset_builder as motion  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -71,22 +75,20 @@ def measure(init_from, *, videos=16, path="kinds", short_side=None) -> dict:
               box_shares=box_share, path_shares=path_share)
 
 
-# What `visualize.ViewConcepts` reads of a checkpoint: the encoder, the
+# What `visualize.ViewConcepts` reads of a checkpoint besides its encoders: the
 # prototypes (templates) and the aggregation; the decoders and projectors of
 # pretraining are left out of a fixture.
-FIXTURE_PARAMS = ("backbone", "lit", "prototype", "prototype_s", "prototype_d")
+FIXTURE_PARAMS = ("lit", "prototype", "prototype_s", "prototype_d")
 
 
 def write_fixture(init_from: str, prefix: str) -> None:
   """PREFIX.json (the run's config) and PREFIX.npz (float32 variables the
   visualiser reads, keys 'collection/module/.../name'): a checkpoint small enough
   to commit, which `tests/test_visualize.py` turns back into a workdir."""
-  import json  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from cvc_jax.models import exported  # pylint: disable=g-import-not-at-top
   config, variables, _ = exported.read_workdir(init_from)
-  kept = {"params": {k: variables["params"][k] for k in FIXTURE_PARAMS},
-          "batch_stats": {"backbone": variables["batch_stats"]["backbone"]}}
+  encoders = [e for e in cvc.ENCODERS if e in variables["params"]]
+  kept = {"params": {k: variables["params"][k] for k in encoders + list(FIXTURE_PARAMS)},
+          "batch_stats": {e: variables["batch_stats"][e] for e in encoders}}
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf, np.float32)
           for path, leaf in jax.tree_util.tree_leaves_with_path(kept)}
   np.savez_compressed(prefix + ".npz", **flat)
