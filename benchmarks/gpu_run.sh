@@ -18,10 +18,10 @@
 # the start, default 560, inside one 10-minute call), whichever is less, and is
 # skipped with under 30 s left.
 # Measured on an H100 SXM (2026-11-27, jax 0.11.2, torch 2.11): one XLA compilation
-# of the ucf101 step takes about 110 s (cuDNN autotuning), so stage 1 takes about
-# 135 s, stage 3 25 s, stage 2 140 s (torch.compile 100 s); stages 4 and 5 compile
-# twice more (two probes without autotuning, then the batch found) and need a call
-# of their own. Stage 6 times the JAX step with the other form of the convolutions
+# of the ucf101 step took 108 s (cuDNN autotuning) and the JAX step at 16 videos
+# 143 s in all (stage 1 adds a 3-step trace), stage 3 24 s, stage 2 137 s
+# (torch.compile 100 s); stages 4 and 5 compile twice more (two probes without
+# autotuning, then the batch found) and need a call of their own. Stage 6 times the JAX step with the other form of the convolutions
 # (conv_impl=2d1d), to check on the card the choice conv_impl='auto' makes (3d).
 # Dry run on a CPU (tiny model, batch 2-4, torch.compile left out: on a CPU it
 # builds C++ for minutes); its result is in benchmarks/RESULTS.md:
