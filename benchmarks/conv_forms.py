@@ -12,7 +12,10 @@ the gradient for the input and the gradient for the kernel (the two halves of
 the backward pass, which XLA lowers to different convolutions; the first
 convolution's input is the views, which need none, so it has none). --whole also
 times the whole encoder's forward + backward (BatchNorm in training mode) with
-each `conv_impl`. This is the measurement behind `conv_impl='auto'`.
+each `conv_impl`. This is the measurement behind `conv_impl='auto'`. --torch adds
+the same three passes of PyTorch's `nn.Conv3d` on the same input (float32,
+NCDHW, this process's threads), the convolutions of the authors' step, and the
+ratio of the faster JAX form to it.
 """
 
 import os
@@ -36,6 +39,7 @@ config_flags.DEFINE_config_file("config", None, "Config file (FILE[:variants])."
                                 lock_config=True)
 _REPS = flags.DEFINE_integer("reps", 3, "Timed runs per pass (median).")
 _WHOLE = flags.DEFINE_bool("whole", False, "Also time the whole encoder per form.")
+_TORCH = flags.DEFINE_bool("torch", False, "Also time PyTorch's Conv3d per convolution.")
 
 
 def _median_time(fn, *args, reps: int) -> float:
@@ -85,6 +89,37 @@ def time_conv(kernel, strides, in_shape, features, impl, dtype, reps, *, input_g
                for f in (forward, dx, dw))
 
 
+def time_torch_conv(kernel, strides, in_shape, features, reps, *, input_grad=True):
+  """(forward, input-gradient, kernel-gradient) seconds of `torch.nn.Conv3d` at the
+  same shapes. The gradients are timed as forward + that gradient (autograd asks
+  cuDNN/oneDNN for that one alone), less the forward."""
+  import torch  # pylint: disable=g-import-not-at-top
+  n, t, h, w, c = in_shape
+  conv = torch.nn.Conv3d(c, features, kernel, stride=strides, bias=False,
+                         padding=[k // 2 for k in kernel])
+  x = torch.randn(n, c, t, h, w, requires_grad=input_grad)
+  with torch.no_grad():
+    dy = torch.ones_like(conv(x))
+
+  def median(fn):
+    fn()
+    times = []
+    for _ in range(reps):
+      start = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+  def forward():
+    with torch.no_grad():
+      conv(x)
+
+  fwd = median(forward)
+  dx = median(lambda: torch.autograd.grad(conv(x), (x,), dy)) - fwd if input_grad else 0.0
+  dw = median(lambda: torch.autograd.grad(conv(x), (conv.weight,), dy)) - fwd
+  return fwd, dx, dw
+
+
 def time_encoder(cfg, x, dtype, reps) -> float:
   """Seconds of one forward + backward of the whole encoder, BatchNorm training."""
   encoder = resnet3d.build_encoder(cfg, dtype=dtype)
@@ -114,33 +149,48 @@ def main(argv):
   print(f"{jax.devices()[0].device_kind}, {c.dtype}, encoder {cfg}, input {x.shape}; "
         f"seconds, median of {_REPS.value}")
   convs = list_convs(resnet3d.build_encoder(dict(cfg, conv_impl="3d"), dtype=dtype), x)
-  total = {"3d": [0.0] * 3, "2d1d": [0.0] * 3}
+  impls = ("3d", "2d1d") + (("torch",) if _TORCH.value else ())
+  total = {impl: [0.0] * 3 for impl in impls}
   print(f"{'convolution':<28} {'kernel':<9} {'stride':<9} {'input':<22} "
-        f"{'3d fwd/dx/dw':<24} {'2d1d fwd/dx/dw':<24} 3d/2d1d")
+        f"{'3d fwd/dx/dw':<24} {'2d1d fwd/dx/dw':<24} 3d/2d1d" +
+        (f" {'torch fwd/dx/dw':<24} jax/torch" if _TORCH.value else ""))
   params = jax.eval_shape(
       lambda v: resnet3d.build_encoder(cfg).init(jax.random.key(0), v, train=False),
       x)["params"]
+  fmt = lambda t: "/".join(f"{v:.3f}" for v in t)
   for name, kernel, strides, in_shape in convs:
     node = params
     for part in name.split("/"):
       node = node[part]
     features = node["kernel"].shape[-1]
+    # The first convolution reads the views, which need no gradient.
+    input_grad = name != convs[0][0]
     times = {}
-    for impl in ("3d", "2d1d"):
+    for impl in impls:
       if impl == "2d1d" and not (kernel[0] == 1 or kernel[1] == kernel[2] == 1):
         times[impl] = times["3d"]  # stays 3D in that form
+      elif impl == "torch":
+        times[impl] = time_torch_conv(kernel, strides, in_shape, features, _REPS.value,
+                                      input_grad=input_grad)
       else:
-        # The first convolution reads the views, which need no gradient.
         times[impl] = time_conv(kernel, strides, in_shape, features, impl, dtype,
-                                _REPS.value, input_grad=name != convs[0][0])
+                                _REPS.value, input_grad=input_grad)
       total[impl] = [a + b for a, b in zip(total[impl], times[impl])]
-    fmt = lambda t: "/".join(f"{v:.3f}" for v in t)
-    print(f"{name:<28} {'x'.join(map(str, kernel)):<9} {'x'.join(map(str, strides)):<9} "
-          f"{str(in_shape):<22} {fmt(times['3d']):<24} {fmt(times['2d1d']):<24} "
-          f"{sum(times['3d']) / sum(times['2d1d']):.2f}", flush=True)
-  print(f"{'all convolutions':<70} {'/'.join(f'{v:.2f}' for v in total['3d']):<24} "
-        f"{'/'.join(f'{v:.2f}' for v in total['2d1d']):<24} "
-        f"{sum(total['3d']) / sum(total['2d1d']):.2f}")
+    line = (f"{name:<28} {'x'.join(map(str, kernel)):<9} {'x'.join(map(str, strides)):<9} "
+            f"{str(in_shape):<22} {fmt(times['3d']):<24} {fmt(times['2d1d']):<24} "
+            f"{sum(times['3d']) / sum(times['2d1d']):.2f}")
+    if _TORCH.value:
+      best = min(sum(times["3d"]), sum(times["2d1d"]))
+      line += f" {fmt(times['torch']):<24} {best / sum(times['torch']):.2f}"
+    print(line, flush=True)
+  line = (f"{'all convolutions':<70} {'/'.join(f'{v:.2f}' for v in total['3d']):<24} "
+          f"{'/'.join(f'{v:.2f}' for v in total['2d1d']):<24} "
+          f"{sum(total['3d']) / sum(total['2d1d']):.2f}")
+  if _TORCH.value:
+    best = min(sum(total["3d"]), sum(total["2d1d"]))
+    line += (f" {'/'.join(f'{v:.2f}' for v in total['torch']):<24} "
+             f"{best / sum(total['torch']):.2f}")
+  print(line)
   if _WHOLE.value:
     for impl in ("3d", "2d1d"):
       t = time_encoder(dict(cfg, conv_impl=impl), x, dtype, _REPS.value)
