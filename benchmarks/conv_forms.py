@@ -42,13 +42,13 @@ _WHOLE = flags.DEFINE_bool("whole", False, "Also time the whole encoder per form
 _TORCH = flags.DEFINE_bool("torch", False, "Also time PyTorch's Conv3d per convolution.")
 
 
-def _median_time(fn, *args, reps: int) -> float:
-  """Median wall time of `fn(*args)` after one untimed (compiling) call."""
-  jax.block_until_ready(fn(*args))
+def _median_time(fn, *args, reps: int, sync=jax.block_until_ready) -> float:
+  """Median wall time of `sync(fn(*args))` after one untimed (compiling) call."""
+  sync(fn(*args))
   times = []
   for _ in range(reps):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    sync(fn(*args))
     times.append(time.perf_counter() - start)
   return statistics.median(times)
 
@@ -101,14 +101,8 @@ def time_torch_conv(kernel, strides, in_shape, features, reps, *, input_grad=Tru
   with torch.no_grad():
     dy = torch.ones_like(conv(x))
 
-  def median(fn):
-    fn()
-    times = []
-    for _ in range(reps):
-      start = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - start)
-    return statistics.median(times)
+  # On a CPU PyTorch returns when the work is done: nothing to wait for.
+  median = lambda fn: _median_time(fn, reps=reps, sync=lambda _: None)
 
   def forward():
     with torch.no_grad():
