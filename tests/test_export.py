@@ -66,13 +66,21 @@ def _workdir(path, encoder=None, separate=False):
   t, s = config.input.num_frames, config.input.crop_size
   rng = jax.random.key(0)
   state = _random_state(config, (2, 6, t, s, s, 3))
+  write_workdir(path, config.to_json_best_effort(),
+                pretrain._checkpoint_tree(state, rng), step=3)  # pylint: disable=protected-access
+  return config, state
+
+
+def write_workdir(path, config_json: str, tree, *, step: int) -> str:
+  """config.json and one orbax checkpoint of `tree`, laid out as pretraining
+  leaves a workdir."""
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort())
-  manager = ocp.CheckpointManager(os.path.join(path, "checkpoints"))
-  manager.save(3, args=ocp.args.StandardSave(pretrain._checkpoint_tree(state, rng)))  # pylint: disable=protected-access
-  manager.wait_until_finished()
-  return config, state
+    f.write(config_json)
+  with ocp.CheckpointManager(os.path.join(path, "checkpoints")) as manager:
+    manager.save(step, args=ocp.args.StandardSave(tree))
+    manager.wait_until_finished()
+  return path
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,6 @@ import pytest
 from PIL import Image
 
 import ml_collections
-import orbax.checkpoint as ocp
 
 from benchmarks import attention_on_object
 from cvc_jax import pretrain
@@ -43,6 +42,7 @@ from cvc_jax import visualize
 from cvc_jax.models import heads
 from cvc_jax.models import resnet3d
 from tests.test_export import _workdir
+from tests.test_export import write_workdir
 from tfds_builders.synthetic_motion import synthetic_motion_dataset_builder as motion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,22 +195,12 @@ def _committed_checkpoint() -> tuple[dict, dict]:
     return json.load(f), tree
 
 
-def _pretraining_workdir(directory, config: dict, variables) -> str:
-  """A workdir as pretraining leaves it: config.json and one orbax checkpoint."""
-  os.makedirs(directory)
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(config, f)
-  with ocp.CheckpointManager(os.path.join(directory, "checkpoints")) as manager:
-    manager.save(384, args=ocp.args.StandardSave(variables))
-    manager.wait_until_finished()
-  return directory
-
-
 def test_top_dynamic_concept_of_a_trained_checkpoint_lies_on_the_moving_object(
     tmp_path):
   config, variables = _committed_checkpoint()
   r = attention_on_object.measure(
-      _pretraining_workdir(str(tmp_path / "trained"), config, variables), videos=8)
+      write_workdir(str(tmp_path / "trained"), json.dumps(config), variables, step=384),
+      videos=8)
   assert r["videos"] == 4  # test videos 3, 5, 6, 7
   # Mostly on the object's path over the clip, in every video, and far more
   # than a map with no preference would put there (measured: 0.727, each video
@@ -225,7 +215,8 @@ def test_top_dynamic_concept_of_a_trained_checkpoint_lies_on_the_moving_object(
   s, t = c.input.crop_size, c.input.num_frames
   init = pretrain.initial_variables(c, jax.random.key(c.seed), (1, 6, t, s, s, 3))
   r0 = attention_on_object.measure(
-      _pretraining_workdir(str(tmp_path / "init"), config, dict(init)), videos=8)
+      write_workdir(str(tmp_path / "init"), json.dumps(config), dict(init), step=0),
+      videos=8)
   assert r0["path_share"] < 1.2 * r0["path_area"], r0
   assert r0["box_share"] < 1.2 * r0["box_area"], r0
 
