@@ -210,6 +210,37 @@ def test_factorised_conv_is_the_3d_conv(kernel, strides, frames):
                out_and_grads(conv3d), out_and_grads(conv2d))
 
 
+@pytest.mark.parametrize("group_frames,row_channels", [(1, 16), (2, 16), (8, 1)])
+@pytest.mark.parametrize("kernel,stride", [((1, 3, 3), 1), ((1, 7, 7), 2)])
+@pytest.mark.parametrize("clips", [2, 8])
+def test_frames_kernel_grad_sums_frame_groups_to_the_3d_gradient(
+    monkeypatch, group_frames, row_channels, kernel, stride, clips):
+  # Of each device's frames, groups of 1, 2 or all (a loop of several steps or
+  # one); one product per kernel row (4 channels < 16) or per tap (4 >= 1). 8
+  # clips split over the 8 fake devices: one share per device, summed after the
+  # loop; 2 clips do not split and run as one share.
+  x = jax.random.normal(jax.random.key(1), (clips, 4, 9, 10, 4))
+  pad = [(k // 2, k // 2) for k in kernel]
+  conv3d = lambda k: jax.lax.conv_general_dilated(
+      x, k, (1, stride, stride), pad, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+  k = jax.random.normal(jax.random.key(2), kernel + (4, 5))
+  dy = jax.random.normal(jax.random.key(3), conv3d(k).shape)
+  want = jax.vjp(conv3d, k)[1](dy)[0]
+  frame_bytes = (x[0, 0].size + dy[0, 0].size) * 4
+  monkeypatch.setattr(resnet3d, "KERNEL_GRAD_GROUP_BYTES", group_frames * frame_bytes)
+  monkeypatch.setattr(resnet3d, "KERNEL_GRAD_ROW_CHANNELS", row_channels)
+  batch = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)),
+                                     jax.sharding.PartitionSpec("data"))
+  if clips % 8 == 0:
+    x, dy = jax.device_put(x, batch), jax.device_put(dy, batch)
+  grad = jax.jit(lambda x, dy: resnet3d._frames_kernel_grad(
+      x, dy, k.shape, (stride, stride), pad[1:]))
+  np.testing.assert_allclose(grad(x, dy), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  if clips % 8 == 0:  # no collective inside the loop: one all-reduce after it
+    hlo = grad.lower(x, dy).compile().as_text()
+    assert hlo.count("all-reduce(") == 1, hlo.count("all-reduce(")
+
+
 @pytest.mark.parametrize("encoder", [
     dict(arch="r2plus1d", blocks=(1, 1, 1, 1), width=4),
     dict(arch="r2plus1d", blocks=(1, 1, 1, 1), width=4, bottleneck=True),

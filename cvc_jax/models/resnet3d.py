@@ -14,6 +14,7 @@ backward pass recomputes, `REMAT_POLICIES`).
 """
 
 import functools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -109,8 +110,8 @@ DEPTH_TO_BLOCKS = {
 
 # How convolutions run. '3d': all as 3D convolutions. '2d1d': those with a
 # (1, k, k) or (1, 1, 1) kernel as 2D convolutions of single frames (time joins
-# the batch), those with a (k, 1, 1) kernel as 1D convolutions over time of
-# single pixels (height and width join the batch); full 3D kernels stay 3D. 'auto':
+# the batch), those with a (k, 1, 1) kernel as (k, 1) 2D convolutions over time
+# and pixels ([B, T, H*W, C]); full 3D kernels stay 3D. 'auto':
 # the form measured fastest on the backend (benchmarks/RESULTS.md): '2d1d' on
 # CPUs, whose XLA backend runs 3D convolutions and their gradients far slower
 # than 2D ones; '3d' elsewhere (cuDNN and the TPU compiler take 3D as it is).
@@ -146,31 +147,68 @@ def _frames_conv_2d(x, kernel, strides, padding):
   return y.reshape((b, t) + y.shape[1:])
 
 
-def _frames_kernel_grad(x, dy, kernel_shape, strides, padding):
-  """The kernel gradient of `_frames_conv_2d` as kh matrix products.
+# `_frames_kernel_grad` works through the frames in groups of at most this many
+# bytes of input and output gradient, so that the shifted copies of a group stay
+# in a core's L2 cache (4 MB on the development CPU): over all frames at once the
+# copies went through main memory, 1.3-3x slower (benchmarks/RESULTS.md).
+KERNEL_GRAD_GROUP_BYTES = 3 << 20
+# Below this many input channels a kernel row's kw taps share one product (the
+# stem's C = 3 gives products too thin to run at speed); above it each tap has its
+# own, which copies less.
+KERNEL_GRAD_ROW_CHANNELS = 16
 
-  dk[i, j] = sum over frames and output pixels of x_padded[s h + i, s w + j]^T dy[h, w].
-  For each kernel row i the kw shifted inputs are joined along channels, one
-  [kw C, N] x [N, O] product with N = B*T*H'*W'. XLA's CPU backend runs these at
+
+def _frames_kernel_grad(x, dy, kernel_shape, strides, padding):
+  """The kernel gradient of `_frames_conv_2d` as matrix products, frame group by group.
+
+  dk[i, j] = sum over frames and output pixels of x_padded[s h + i, s w + j]^T dy[h, w]:
+  one [C, N] x [N, O] product per tap (i, j), or, for few channels, one [kw C, N]
+  x [N, O] product per kernel row i with the kw shifted inputs joined along
+  channels; N = the group's frames x H' x W'. XLA's CPU backend runs these at
   matrix-multiply speed; the convolution it emits for the same gradient (one
-  that contracts over all B*T frames) ran 3-4x slower, the 3D form's about 2x
-  (benchmarks/RESULTS.md). One product per tap reads dy kw times as often, which
-  cost the stem (C = 3) a third more.
+  that contracts over all frames) ran 3-4x slower, the 3D form's about 2x
+  (benchmarks/RESULTS.md).
+
+  A loop takes the frames in groups (`KERNEL_GRAD_GROUP_BYTES`). Where the batch
+  is split over devices, each step takes one group from every device's share
+  and keeps the devices' sums apart until the end, so that the loop holds no
+  collective: one all-reduce follows it.
   """
   kh, kw, c, o = kernel_shape[1:]
   (sh, sw), ((ph0, ph1), (pw0, pw1)) = strides, padding
   ho, wo = dy.shape[2:4]
-  xp = jnp.pad(x, ((0, 0), (0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
-  dy = dy.reshape(-1, o)
   acc = jnp.promote_types(x.dtype, jnp.float32)  # bfloat16 sums in float32
+  frames = x.shape[0] * x.shape[1]
+  # The batch is split over all devices when it divides evenly (cvc_jax.pretrain).
+  shards = jax.device_count() if x.shape[0] % jax.device_count() == 0 else 1
+  frame_bytes = (math.prod(x.shape[2:]) + math.prod(dy.shape[2:])) * x.dtype.itemsize
+  group = max([g for g in range(1, frames // shards + 1) if (frames // shards) % g == 0
+               and g * frame_bytes <= KERNEL_GRAD_GROUP_BYTES] or [1])
+  steps = frames // shards // group
+  xs = x.reshape((shards, steps, group) + x.shape[2:])
+  dys = dy.reshape((shards, steps, group) + dy.shape[2:])
 
-  def row(i):
-    shifted = [xp[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
-               for j in range(kw)]
-    return lax.dot_general(jnp.concatenate(shifted, axis=-1).reshape(-1, kw * c), dy,
-                           (((0,), (0,)), ((), ())), preferred_element_type=acc)
+  def taps(x, i, js):
+    """Padded frames shifted by (i, j) for j in js, joined along channels: [S, N, len(js) C]."""
+    return jnp.concatenate(
+        [x[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] for j in js],
+        axis=-1).reshape(shards, -1, len(js) * c)
 
-  return jnp.stack([row(i) for i in range(kh)]).reshape(kernel_shape).astype(x.dtype)
+  def add_group(step, dk):
+    x = lax.dynamic_index_in_dim(xs, step, 1, keepdims=False)
+    dy = lax.dynamic_index_in_dim(dys, step, 1, keepdims=False).reshape(shards, -1, o)
+    x = jnp.pad(x, ((0, 0), (0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
+    if c < KERNEL_GRAD_ROW_CHANNELS:
+      lhs = [taps(x, i, range(kw)) for i in range(kh)]
+    else:
+      lhs = [taps(x, i, [j]) for i in range(kh) for j in range(kw)]
+    return dk + jnp.stack([lax.dot_general(a, dy, (((1,), (1,)), ((0,), (0,))),
+                                           preferred_element_type=acc) for a in lhs], axis=1)
+
+  # [shards, products, channels they contract, O]
+  products = (kh, kw * c) if c < KERNEL_GRAD_ROW_CHANNELS else (kh * kw, c)
+  dk = lax.fori_loop(0, steps, add_group, jnp.zeros((shards,) + products + (o,), acc))
+  return jnp.sum(dk, 0).reshape(kernel_shape).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -202,8 +240,77 @@ def _frames_conv_bwd(strides, padding, residuals, dy):
 _frames_conv.defvjp(_frames_conv_fwd, _frames_conv_bwd)
 
 
+def _temporal_conv_2d(x, kernel, stride):
+  """x [B, T, H, W, C] and kernel [kt, C, O] as a (kt, 1) 2D convolution over [B, T, H*W, C]."""
+  b, t, h, w, c = x.shape
+  pad = kernel.shape[0] // 2
+  y = lax.conv_general_dilated(x.reshape(b, t, h * w, c), kernel[:, None], (stride, 1),
+                               [(pad, pad), (0, 0)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y.reshape((b, y.shape[1], h, w, y.shape[-1]))
+
+
+def _shift_frames(x, s):
+  """x[:, t + s] at frame t, zeros where t + s falls outside."""
+  t = x.shape[1]
+  if s == 0:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[1] = (0, s) if s > 0 else (-s, 0)
+  return jnp.pad(lax.slice_in_dim(x, max(s, 0), t + min(s, 0), axis=1), pad)
+
+
+def _temporal_kernel_grad(x, dy, kernel_shape, stride):
+  """The kernel gradient of `_temporal_conv_2d` as kt [C, N] x [N, O] products.
+
+  dk[d] = sum over t of x[stride t + d - pad]^T dy[t]. With stride 1 the input is
+  read as it lies and dy shifted by pad - d frames (dy has the fewer channels in
+  R(2+1)D's temporal convolutions); with a stride, the strided frames of x.
+  """
+  kt, c, o = kernel_shape
+  pad = kt // 2
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  product = lambda a, b: lax.dot_general(a.reshape(-1, c), b.reshape(-1, o),
+                                         (((0,), (0,)), ((), ())), preferred_element_type=acc)
+  if stride == 1:
+    dk = [product(x, _shift_frames(dy, pad - d)) for d in range(kt)]
+  else:
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0), (0, 0)))
+    out_t = dy.shape[1]
+    dk = [product(lax.slice_in_dim(xp, d, d + stride * (out_t - 1) + 1, stride, 1), dy)
+          for d in range(kt)]
+  return jnp.stack(dk).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _temporal_conv(x, kernel, stride):
+  """`_temporal_conv_2d` whose kernel gradient is `_temporal_kernel_grad`.
+
+  The (kt, 1) convolution over [B, T, H*W, C] needs no transpose: at R(2+1)D's
+  layer-1 shapes (12 x 16 x 64 x 64 x 144 -> 64) it ran with the BatchNorm and
+  ReLU after it 0.32 s forward and 1.15 s forward + backward on the development
+  CPU, against 0.69 s and 2.1 s as 1D convolutions of single pixels, whose two
+  transposes also laid out the BatchNorm's input so that XLA reduced it with a
+  slow reduce-window (benchmarks/RESULTS.md). XLA's own kernel gradient for the
+  2D form ran 3x slower than these products.
+  """
+  return _temporal_conv_2d(x, kernel, stride)
+
+
+def _temporal_conv_fwd(x, kernel, stride):
+  return _temporal_conv_2d(x, kernel, stride), (x, kernel)
+
+
+def _temporal_conv_bwd(stride, residuals, dy):
+  x, kernel = residuals
+  dx, = jax.linear_transpose(lambda x: _temporal_conv_2d(x, kernel, stride), x)(dy)
+  return dx, _temporal_kernel_grad(x, dy, kernel.shape, stride)
+
+
+_temporal_conv.defvjp(_temporal_conv_fwd, _temporal_conv_bwd)
+
+
 class FactorisedConv(nn.Module):
-  """A bias-free (1, kh, kw) or (1, 1, 1) convolution run as a 2D one, (kt, 1, 1) as 1D.
+  """A bias-free (1, kh, kw), (1, 1, 1) or (kt, 1, 1) convolution run as a 2D one.
 
   Its one parameter is `nn.Conv`'s: 'kernel' [kt, kh, kw, in, out], initialised
   the same way, so checkpoints and `cvc_jax.convert` cannot tell the two apart.
@@ -227,27 +334,18 @@ class FactorisedConv(nn.Module):
       raise ValueError(f"FactorisedConv takes (1, k, k) or (k, 1, 1) kernels, got "
                        f"{self.kernel_size}.")
     x = x[:, :, ::sh, ::sw]
-    b, t, h, w, c = x.shape
     pad = kt // 2
-    out_t = (t + 2 * pad - kt) // st + 1
+    out_t = (x.shape[1] + 2 * pad - kt) // st + 1
     if out_t <= 2:
-      # A sum of kt matrix products over shifted frames. The 1D form below is
-      # pathological on XLA's CPU backend for such short outputs: R(2+1)D-18's
+      # A sum of kt matrix products over shifted frames. A convolution over time
+      # is pathological on XLA's CPU backend for such short outputs: R(2+1)D-18's
       # last temporal convolution (2 frames, 921 channels) took 2.9 s forward
-      # there against 0.02 s as products (benchmarks/RESULTS.md).
+      # as a 1D one against 0.02 s as products (benchmarks/RESULTS.md).
       xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0), (0, 0)))
       return sum(lax.dot_general(lax.slice_in_dim(xp, d, d + st * (out_t - 1) + 1, st, 1),
                                  kernel[d, 0, 0], (((4,), (0,)), ((), ())))
                  for d in range(kt))
-    # Otherwise pixel by pixel: [B*H*W, T, C]. The two transposes cost less than
-    # they save: this form ran forward and backward 1.4x faster than the 3D one; a
-    # 2D form over [B, T, H*W, C] needs no transpose, but its kernel gradient ran
-    # 2.5x slower than the 3D one, and the products 1.5-3x slower for longer
-    # outputs (benchmarks/RESULTS.md).
-    y = lax.conv_general_dilated(
-        jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(b * h * w, t, c), kernel[:, 0, 0],
-        (st,), [(pad, pad)], dimension_numbers=("NWC", "WIO", "NWC"))
-    return jnp.transpose(y.reshape(b, h, w, y.shape[1], self.features), (0, 3, 1, 2, 4))
+    return _temporal_conv(x, kernel[:, 0, 0], st)
 
 
 def _conv(features, kernel, strides, name, dtype, conv_impl="3d"):
