@@ -150,7 +150,8 @@ def _frames_conv_2d(x, kernel, strides, padding):
 # `_frames_kernel_grad` works through the frames in groups of at most this many
 # bytes of input and output gradient, so that the shifted copies of a group stay
 # in a core's L2 cache (4 MB on the development CPU): over all frames at once the
-# copies went through main memory, 1.2-3x slower (benchmarks/RESULTS.md).
+# copies went through main memory: 1.6x slower at layer 1, 3x at the stem
+# (benchmarks/RESULTS.md).
 KERNEL_GRAD_GROUP_BYTES = 3 << 20
 # Below this many input channels a kernel row's kw taps share one product (the
 # stem's C = 3 gives products too thin to run at speed); above it each tap has its
