@@ -183,13 +183,15 @@ def test_jaxpr_flops_counts_convolutions_and_products_by_hand():
   assert count(branches, True, m) == 2 * 2 * 6 ** 3  # the costlier branch
 
 
-# Kernel and strides of every convolution FactorisedConv takes in the encoders.
-# (3, 1, 1) at 5 frames runs as 1D convolutions, at 2 frames (or 4 with stride 2:
-# outputs of 2 frames) as a sum of matrix products.
+# Kernel and strides of every convolution FactorisedConv takes in the encoders,
+# and an even (2, 1, 1) one, whose output is a frame longer than its input.
+# (3, 1, 1) at 5 frames runs as (3, 1) 2D convolutions, at 2 frames (or 4 with
+# stride 2: outputs of 2 frames) as a sum of matrix products.
 FACTORISED = [((1, 7, 7), (1, 2, 2), 5), ((3, 1, 1), (1, 1, 1), 5),
               ((1, 3, 3), (1, 2, 2), 5), ((3, 1, 1), (2, 1, 1), 5),
               ((1, 1, 1), (2, 2, 2), 5), ((1, 3, 3), (1, 1, 1), 5),
-              ((3, 1, 1), (1, 1, 1), 2), ((3, 1, 1), (2, 1, 1), 4)]
+              ((3, 1, 1), (1, 1, 1), 2), ((3, 1, 1), (2, 1, 1), 4),
+              ((2, 1, 1), (1, 1, 1), 5)]
 
 
 @pytest.mark.parametrize("kernel,strides,frames", FACTORISED)

@@ -265,16 +265,17 @@ def _shift_frames(x, s):
 def _temporal_kernel_grad(x, dy, kernel_shape, stride):
   """The kernel gradient of `_temporal_conv_2d` as kt [C, N] x [N, O] products.
 
-  dk[d] = sum over t of x[stride t + d - pad]^T dy[t]. With stride 1 the input is
-  read as it lies and dy shifted by pad - d frames (dy has the fewer channels in
-  R(2+1)D's temporal convolutions); with a stride, the strided frames of x.
+  dk[d] = sum over t of x[stride t + d - pad]^T dy[t]. Where the output has the
+  input's frames (stride 1, odd kt) the input is read as it lies and dy shifted
+  by pad - d frames (dy has the fewer channels in R(2+1)D's temporal
+  convolutions); otherwise the strided frames of the padded x are taken.
   """
   kt, c, o = kernel_shape
   pad = kt // 2
   acc = jnp.promote_types(x.dtype, jnp.float32)
   product = lambda a, b: lax.dot_general(a.reshape(-1, c), b.reshape(-1, o),
                                          (((0,), (0,)), ((), ())), preferred_element_type=acc)
-  if stride == 1:
+  if stride == 1 and dy.shape[1] == x.shape[1]:
     dk = [product(x, _shift_frames(dy, pad - d)) for d in range(kt)]
   else:
     xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0), (0, 0)))
