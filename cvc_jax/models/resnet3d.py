@@ -214,33 +214,36 @@ def _frames_kernel_grad(x, dy, kernel_shape, strides, padding):
   return jnp.sum(dk, 0).reshape(kernel_shape).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _frames_conv(x, kernel, strides, padding):
-  """`_frames_conv_2d` whose kernel gradient is `_frames_kernel_grad`.
+def _with_kernel_grad(conv, kernel_grad):
+  """`conv(x, kernel, static)` whose kernel gradient is `kernel_grad(x, dy, kernel.shape, *static)`.
 
-  On XLA's CPU backend the 2D form runs the forward pass and the input gradient
-  2-3x faster than the 3D form, but the kernel gradient XLA derives for it 4-5x
-  slower (benchmarks/RESULTS.md); that one pass is written out by hand.
-  strides: (sh, sw); padding: ((ph, ph), (pw, pw)).
+  `conv(x, kernel, *static)` is a convolution in a form XLA's CPU backend runs
+  fast forward and for the input gradient but derives a slow kernel gradient
+  for (benchmarks/RESULTS.md); that one pass is written out by hand. The input
+  gradient is the transpose of `conv` alone: a vjp would trace the forward pass
+  again (dead code XLA removes, but the jaxpr `benchmark.jaxpr_flops` counts
+  would hold it). `static` is a tuple of the hashable remaining arguments.
   """
-  return _frames_conv_2d(x, kernel, strides, padding)
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+  def run(x, kernel, static):
+    return conv(x, kernel, *static)
+
+  def run_fwd(x, kernel, static):
+    return conv(x, kernel, *static), (x, kernel)
+
+  def run_bwd(static, residuals, dy):
+    x, kernel = residuals
+    dx, = jax.linear_transpose(lambda x: conv(x, kernel, *static), x)(dy)
+    return dx, kernel_grad(x, dy, kernel.shape, *static)
+
+  run.defvjp(run_fwd, run_bwd)
+  return run
 
 
-def _frames_conv_fwd(x, kernel, strides, padding):
-  return _frames_conv_2d(x, kernel, strides, padding), (x, kernel)
-
-
-def _frames_conv_bwd(strides, padding, residuals, dy):
-  x, kernel = residuals
-  # The transpose alone: a vjp would also trace the forward pass again (dead code
-  # XLA removes, but the jaxpr that `benchmark.jaxpr_flops` counts would hold it).
-  dx, = jax.linear_transpose(lambda x: _frames_conv_2d(x, kernel, strides, padding),
-                             x)(dy)
-  dk = _frames_kernel_grad(x, dy, kernel.shape, strides, padding)
-  return dx, dk
-
-
-_frames_conv.defvjp(_frames_conv_fwd, _frames_conv_bwd)
+# On XLA's CPU backend the 2D form runs the forward pass and the input gradient
+# 2-3x faster than the 3D form, but the kernel gradient XLA derives for it 4-5x
+# slower. static: ((sh, sw), ((ph, ph), (pw, pw))).
+_frames_conv = _with_kernel_grad(_frames_conv_2d, _frames_kernel_grad)
 
 
 def _temporal_conv_2d(x, kernel, stride):
@@ -285,32 +288,14 @@ def _temporal_kernel_grad(x, dy, kernel_shape, stride):
   return jnp.stack(dk).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _temporal_conv(x, kernel, stride):
-  """`_temporal_conv_2d` whose kernel gradient is `_temporal_kernel_grad`.
-
-  The (kt, 1) convolution over [B, T, H*W, C] needs no transpose: at R(2+1)D's
-  layer-1 shapes (12 x 16 x 64 x 64 x 144 -> 64) it ran with the BatchNorm and
-  ReLU after it 0.32 s forward and 1.15 s forward + backward on the development
-  CPU, against 0.69 s and 2.1 s as 1D convolutions of single pixels, whose two
-  transposes also laid out the BatchNorm's input so that XLA reduced it with a
-  slow reduce-window (benchmarks/RESULTS.md). With XLA's own kernel gradient for
-  the 2D form the same block took 6.6 s forward + backward.
-  """
-  return _temporal_conv_2d(x, kernel, stride)
-
-
-def _temporal_conv_fwd(x, kernel, stride):
-  return _temporal_conv_2d(x, kernel, stride), (x, kernel)
-
-
-def _temporal_conv_bwd(stride, residuals, dy):
-  x, kernel = residuals
-  dx, = jax.linear_transpose(lambda x: _temporal_conv_2d(x, kernel, stride), x)(dy)
-  return dx, _temporal_kernel_grad(x, dy, kernel.shape, stride)
-
-
-_temporal_conv.defvjp(_temporal_conv_fwd, _temporal_conv_bwd)
+# The (kt, 1) convolution over [B, T, H*W, C] needs no transpose: at R(2+1)D's
+# layer-1 shapes (12 x 16 x 64 x 64 x 144 -> 64) it ran with the BatchNorm and
+# ReLU after it 0.32 s forward and 1.15 s forward + backward on the development
+# CPU, against 0.69 s and 2.1 s as 1D convolutions of single pixels, whose two
+# transposes also laid out the BatchNorm's input so that XLA reduced it with a
+# slow reduce-window (benchmarks/RESULTS.md). With XLA's own kernel gradient for
+# the 2D form the same block took 6.6 s forward + backward. static: (stride,).
+_temporal_conv = _with_kernel_grad(_temporal_conv_2d, _temporal_kernel_grad)
 
 
 class FactorisedConv(nn.Module):
@@ -332,8 +317,8 @@ class FactorisedConv(nn.Module):
                         (kt, kh, kw, x.shape[-1], self.features), jnp.float32)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     if kt == 1:  # frame by frame: [B*T, H, W, C]
-      return _frames_conv(x[:, ::st], kernel, (sh, sw),
-                          ((kh // 2, kh // 2), (kw // 2, kw // 2)))
+      return _frames_conv(x[:, ::st], kernel,
+                          ((sh, sw), ((kh // 2, kh // 2), (kw // 2, kw // 2))))
     if kh != 1 or kw != 1:
       raise ValueError(f"FactorisedConv takes (1, k, k) or (k, 1, 1) kernels, got "
                        f"{self.kernel_size}.")
@@ -349,7 +334,7 @@ class FactorisedConv(nn.Module):
       return sum(lax.dot_general(lax.slice_in_dim(xp, d, d + st * (out_t - 1) + 1, st, 1),
                                  kernel[d, 0, 0], (((4,), (0,)), ((), ())))
                  for d in range(kt))
-    return _temporal_conv(x, kernel[:, 0, 0], st)
+    return _temporal_conv(x, kernel[:, 0, 0], (st,))
 
 
 def _conv(features, kernel, strides, name, dtype, conv_impl="3d"):
