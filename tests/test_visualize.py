@@ -85,6 +85,25 @@ def test_attention_is_the_modules_own(workdir):
     np.testing.assert_allclose(t + h, local, rtol=1e-4, atol=1e-5, err_msg=kind)
 
 
+def test_video_attention_compiles_once_per_path(workdir):
+  """Videos of one size, and a last batch shorter than the rest, reuse one
+  compiled forward pass, and the padding of that batch changes no output."""
+  config, models, variables = visualize.load(workdir)
+  model = models["d"]
+  frames = np.random.default_rng(0).integers(0, 256, (7, 24, 32, 3), np.uint8)
+  kw = dict(short_side=32)
+  whole = visualize.video_attention(model, variables, config, frames, batch_size=8, **kw)
+  run = visualize._compiled_attention(model)  # pylint: disable=protected-access
+  compiled = run._cache_size()  # pylint: disable=protected-access
+  # 4 clips of 4 frames in batches of 3: 3, then 1 padded to 3; then a second video.
+  batched = visualize.video_attention(model, variables, config, frames, batch_size=3, **kw)
+  visualize.video_attention(model, variables, config, frames[::-1], batch_size=3, **kw)
+  assert visualize._compiled_attention(model) is run  # pylint: disable=protected-access
+  assert run._cache_size() == compiled + 1  # pylint: disable=protected-access
+  for got, want in zip(batched, whole):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_feature_map_position_i_is_centred_on_input_s_times_i():
   """What `_resample` assumes, on the encoder: the receptive field of position
   (t, i, j) of the last feature map is centred on input (8t, 16i, 16j)."""
