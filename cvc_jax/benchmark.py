@@ -292,9 +292,9 @@ class TrainStep:
     steady_epoch = max(config.loss.loc_start_epoch, config.loss.queue_start_epoch,
                        config.loss.freeze_prototypes_epochs)
 
-    state = jax.jit(lambda rng: pretrain.create_train_state(
-        config, rng, (b, CLIPS_PER_VIDEO, t, s, s, 3), steps_per_epoch),
-                    out_shardings=replicated)(jax.random.key(config.seed))
+    state = pretrain.init_train_state(config, jax.random.key(config.seed),
+                                      (b, CLIPS_PER_VIDEO, t, s, s, 3), steps_per_epoch,
+                                      sharding=replicated)
     state = state.replace(step=jax.device_put(np.int32(steady_epoch), replicated))
 
     frames = np.random.default_rng(0).integers(0, 256, (b, 2 * t, h, w, 3), np.uint8)

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 
 from cvc_jax import checkpointing
 from cvc_jax import losses
+from cvc_jax import models
 from cvc_jax.models import cvc
 
 TERMS = ("I_vv", "I_vs", "I_vd", "align_s", "align_d", "entropy_s", "entropy_d",
@@ -219,6 +220,15 @@ def create_train_state(config, rng: jax.Array, views_shape, steps_per_epoch: int
                     opt_state=tx.init(params), queue=queue, tx=tx, model=model)
 
 
+def init_train_state(config, rng: jax.Array, views_shape, steps_per_epoch: int, *,
+                     sharding=None) -> TrainState:
+  """`create_train_state`, compiled by `models.jit_init`, its arrays placed by
+  `sharding` (None: one device)."""
+  return models.jit_init(functools.partial(
+      create_train_state, config, views_shape=views_shape,
+      steps_per_epoch=steps_per_epoch), out_shardings=sharding)(rng)
+
+
 def train_step(state: TrainState, views: jax.Array, config, steps_per_epoch: int):
   """One optimisation step on prepared views [B, 6, T, H, W, 3].
 
@@ -291,13 +301,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   if config.batch_size % jax.device_count():
     raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
                      f"{jax.device_count()} devices.")
-  t, (h, w) = config.input.num_frames, config.input.raw_size
-  views_shape = (config.batch_size, 6, t, config.input.crop_size, config.input.crop_size, 3)
+  t, s = config.input.num_frames, config.input.crop_size
+  views_shape = (config.batch_size, 6, t, s, s, 3)
   rng = jax.random.key(config.seed)
-  state = jax.jit(functools.partial(create_train_state, config,
-                                    views_shape=views_shape,
-                                    steps_per_epoch=steps_per_epoch),
-                  out_shardings=replicated)(rng)
+  state = init_train_state(config, rng, views_shape, steps_per_epoch, sharding=replicated)
 
   # Resume: the newest checkpoint orbax finalised (a save cut short is never
   # listed). Restored in place of the fresh state: step, params, batch_stats,

@@ -11,7 +11,6 @@ final parameters and the per-step losses.
 """
 
 import argparse
-import functools
 import os
 import sys
 
@@ -40,9 +39,8 @@ def run_steps(mesh, num_steps=3, batch=8):
   frames = np.random.default_rng(0).integers(0, 256, (num_steps, batch, 2 * t, h, w, 3),
                                              dtype=np.uint8)
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  state = jax.jit(functools.partial(
-      pretrain.create_train_state, config, views_shape=(batch, 6, t, s, s, 3),
-      steps_per_epoch=steps_per_epoch), out_shardings=replicated)(jax.random.key(0))
+  state = pretrain.init_train_state(config, jax.random.key(0), (batch, 6, t, s, s, 3),
+                                    steps_per_epoch, sharding=replicated)
 
   def step(state, frames):
     v = views.pretrain_views(frames, jax.random.fold_in(jax.random.key(1), state.step),

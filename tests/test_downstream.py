@@ -109,7 +109,13 @@ def test_demo_compares_pretrained_and_random_on_both_labels(tmp_path, data_dir):
   config = _tiny(demo_config.get_config(), data_dir, batch_size=8)
   t, s = config.input.num_frames, config.input.crop_size
   rng = jax.random.key(config.seed)  # as pretraining starts
-  state = pretrain.create_train_state(config, rng, (8, 6, t, s, s, 3), 2)
+  state = pretrain.init_train_state(config, rng, (8, 6, t, s, s, 3), 2)
+  # The baseline is bitwise the encoder pretraining starts from (op by op, 20
+  # convolution kernels of the demo's came out 1 ulp apart).
+  initial = demo.initial_encoder(config)
+  jax.tree.map(np.testing.assert_array_equal, initial,
+               {"params": state.params["backbone"],
+                "batch_stats": state.batch_stats["backbone"]})
   workdir = str(tmp_path)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort())

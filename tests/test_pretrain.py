@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import reference, ucf101
+from cvc_jax import models
 from cvc_jax import pretrain
 from cvc_jax.models import cvc
 
@@ -18,7 +19,8 @@ B = 8  # one video per fake device
 def _setup(config, batch=B, seed=0):
   views = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, 6) + (
       config.input.num_frames, config.input.crop_size, config.input.crop_size, 3))
-  variables = cvc.build_model(config).init(jax.random.PRNGKey(seed), views, train=False)
+  variables = models.jit_init(functools.partial(cvc.build_model(config).init, train=False))(
+      jax.random.PRNGKey(seed), views)
   queue = jnp.tanh(jax.random.normal(jax.random.PRNGKey(seed + 2),
                                      (config.loss.queue_size, 6, 2 * config.model.num_concepts)))
   return variables, views, queue
@@ -51,8 +53,8 @@ def test_prototypes_get_no_update_in_epoch_0():
   config = ucf101.get_config("runlocal")
   _, views, _ = _setup(config)
   steps_per_epoch = 2
-  state = pretrain.create_train_state(config, jax.random.PRNGKey(0), views.shape,
-                                      steps_per_epoch)
+  state = pretrain.init_train_state(config, jax.random.PRNGKey(0), views.shape,
+                                    steps_per_epoch)
   step = jax.jit(functools.partial(pretrain.train_step, config=config,
                                    steps_per_epoch=steps_per_epoch))
   start = state.params
@@ -143,7 +145,8 @@ def test_bfloat16_compute_keeps_float32_parameters():
   full = pretrain.loss_terms(variables, views, config, queue=queue, epoch=6)
   with config.unlocked():
     config.dtype = "bfloat16"
-  half_vars = cvc.build_model(config).init(jax.random.PRNGKey(0), views, train=False)
+  half_vars = jax.eval_shape(functools.partial(cvc.build_model(config).init, train=False),
+                             jax.random.PRNGKey(0), views)
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(half_vars))
   half = pretrain.loss_terms(variables, views, config, queue=queue, epoch=6)
   for name in ("I_vv", "align_s", "rec_v"):

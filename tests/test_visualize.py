@@ -37,6 +37,7 @@ from PIL import Image
 import ml_collections
 
 from benchmarks import attention_on_object
+from cvc_jax import models
 from cvc_jax import pretrain
 from cvc_jax import visualize
 from cvc_jax.models import heads
@@ -232,7 +233,8 @@ def test_top_dynamic_concept_of_a_trained_checkpoint_lies_on_the_moving_object(
   # seed) has no preference (measured: 0.488 on the path, 0.214 on the box).
   c = ml_collections.ConfigDict(config)
   s, t = c.input.crop_size, c.input.num_frames
-  init = pretrain.initial_variables(c, jax.random.key(c.seed), (1, 6, t, s, s, 3))
+  init = models.jit_init(lambda rng: pretrain.initial_variables(
+      c, rng, (1, 6, t, s, s, 3)))(jax.random.key(c.seed))
   r0 = attention_on_object.measure(
       write_workdir(str(tmp_path / "init"), json.dumps(config), dict(init), step=0),
       videos=8)

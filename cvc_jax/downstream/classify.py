@@ -20,6 +20,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from cvc_jax import checkpointing
+from cvc_jax import models
 from cvc_jax import views as views_lib
 from cvc_jax.downstream import evaluate
 from cvc_jax.downstream import metrics
@@ -88,8 +89,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   steps_per_epoch = input_pipeline.steps_per_epoch(config)
   total_steps = config.num_epochs * steps_per_epoch
   t, s = config.input.num_frames, config.input.crop_size
-  fc_vars = model.init(jax.random.key(config.seed), jnp.zeros((1, t, s, s, 3)),
-                       train=False, train_encoder=False)
+  fc_vars = models.jit_init(functools.partial(model.init, train=False, train_encoder=False))(
+      jax.random.key(config.seed), jnp.zeros((1, t, s, s, 3)))
   params = dict(fc_vars["params"], backbone=enc_vars["params"])
   batch_stats = {"backbone": enc_vars["batch_stats"]}
   tx = _optimizer(config, steps_per_epoch, linear)

@@ -8,6 +8,7 @@ L2-normalised features; test videos query the training videos by cosine
 similarity.
 """
 
+import functools
 import json
 import os
 from typing import Any, Callable
@@ -22,6 +23,7 @@ import numpy as np
 import optax
 
 from cvc_jax import convert
+from cvc_jax import models
 from cvc_jax import views as views_lib
 from cvc_jax.downstream import metrics
 from cvc_jax.models import exported
@@ -44,8 +46,8 @@ def load_encoder(config, rng=None):
   if not source:
     module = resnet3d.build_encoder(config.model.encoder)
     t, s = config.input.num_frames, config.input.crop_size
-    variables = module.init(rng if rng is not None else jax.random.key(config.seed),
-                            jnp.zeros((1, t, s, s, 3)), train=False)
+    variables = models.jit_init(functools.partial(module.init, train=False))(
+        rng if rng is not None else jax.random.key(config.seed), jnp.zeros((1, t, s, s, 3)))
     return module, dict(variables), "random initialisation"
   if os.path.isdir(source) and exported.is_exported(source):
     module, variables = exported.load_encoder(source)
