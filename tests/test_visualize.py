@@ -64,10 +64,10 @@ def _mass(maps, masks):
 
 def test_attention_is_the_modules_own(workdir):
   """The attention rebuilt from lit's queries and keys reproduces lit's output."""
-  config, models, variables = visualize.load(workdir)
+  config, paths, variables = visualize.load(workdir)
   clips = jax.random.normal(jax.random.key(0), (2, 4, 48, 64, 3))
   lit = variables["params"]["lit"]
-  for kind, model in models.items():
+  for kind, model in paths.items():
     (_, local), state = model.apply(variables, clips, capture_intermediates=True,
                                     mutable=["intermediates"])
     _, attn = visualize.concept_attention(model, variables, clips)
@@ -89,8 +89,8 @@ def test_attention_is_the_modules_own(workdir):
 def test_video_attention_compiles_once_per_path(workdir):
   """Videos of one size, and a last batch shorter than the rest, reuse one
   compiled forward pass, and the padding of that batch changes no output."""
-  config, models, variables = visualize.load(workdir)
-  model = models["d"]
+  config, paths, variables = visualize.load(workdir)
+  model = paths["d"]
   frames = np.random.default_rng(0).integers(0, 256, (7, 24, 32, 3), np.uint8)
   kw = dict(short_side=32)
   whole = visualize.video_attention(model, variables, config, frames, batch_size=8, **kw)
