@@ -7,8 +7,8 @@ compiles it at each of --levels (`xla_backend_optimization_level`; 3 is XLA's
 default), printing the compile time and how many of the state's arrays are
 bitwise those of the first level. Then `pretrain.initial_variables` (the
 demo's baseline) run op by op, as the demo ran it before, and under
-`models.jit_init`, as it runs it now (its encoder is what the demo compares). This is the measurement behind
-`models.CPU_INIT_COMPILER_OPTIONS`.
+`models.jit_init`, as it runs it now (its encoder is what the demo compares).
+This is the measurement behind `models.CPU_INIT_COMPILER_OPTIONS`.
 """
 
 import os
@@ -25,7 +25,6 @@ from ml_collections import config_flags
 
 from cvc_jax import models
 from cvc_jax import pretrain
-from cvc_jax.models import cvc
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (FILE[:variants]).",
@@ -62,10 +61,8 @@ def main(argv):
           "%d of %d arrays bitwise as level %s" % (*_same(arrays, first), _LEVELS.value[0]))
 
   shape = (1,) + views_shape[1:]
-  init_rng, _ = jax.random.split(rng)
   start = time.perf_counter()
-  eager = cvc.build_model(config).init(init_rng, np.zeros(shape, np.float32), train=False)
-  jax.block_until_ready(eager)
+  eager = jax.block_until_ready(pretrain.initial_variables(config, rng, shape))
   eager_s = time.perf_counter() - start
   start = time.perf_counter()
   jitted = jax.block_until_ready(models.jit_init(
@@ -73,11 +70,12 @@ def main(argv):
   jitted_s = time.perf_counter() - start
   print(f"initial_variables op by op: {eager_s:.1f} s, %d of %d arrays bitwise as "
         "jit_init's" % _same(dict(eager), dict(jitted)))
-  options = models.CPU_INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else {}
-  print(f"initial_variables with models.jit_init {options}: {jitted_s:.1f} s (compile "
-        "and run), encoder %d of %d arrays bitwise as create_train_state's at level %s" % (
-            *_same((jitted["params"]["backbone"], jitted["batch_stats"]["backbone"]),
-                   (first[0]["backbone"], first[1]["backbone"])), _LEVELS.value[0]))
+  encoder = _same((jitted["params"]["backbone"], jitted["batch_stats"]["backbone"]),
+                  (first[0]["backbone"], first[1]["backbone"]))
+  print(f"initial_variables with models.jit_init {models.init_compiler_options()}: "
+        f"{jitted_s:.1f} s (compile and run), encoder %d of %d arrays bitwise as "
+        f"create_train_state's at level {_LEVELS.value[0]}" % encoder)
+
 
 if __name__ == "__main__":
   app.run(main)

@@ -13,11 +13,15 @@ import jax
 CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2}
 
 
-def jit_init(fn, **jit_kwargs):
-  """`jax.jit(fn, **jit_kwargs)` for a function run once to make variables.
+def init_compiler_options() -> dict | None:
+  """`CPU_INIT_COMPILER_OPTIONS` on CPU; None (XLA's defaults) elsewhere."""
+  return CPU_INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
 
-  On CPU it compiles with `CPU_INIT_COMPILER_OPTIONS`; elsewhere as `jax.jit`.
+
+def jit_init(fn, **jit_kwargs):
+  """`jax.jit(fn, **jit_kwargs)` for a function run once to make variables,
+  compiled with `init_compiler_options()`.
+
   Call it outside any jit: JAX refuses compiler options on a nested one.
   """
-  options = CPU_INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-  return jax.jit(fn, compiler_options=options, **jit_kwargs)
+  return jax.jit(fn, compiler_options=init_compiler_options(), **jit_kwargs)
