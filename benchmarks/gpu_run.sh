@@ -13,16 +13,18 @@
 #     OUT=$OUT STAGES="4 5" bash benchmarks/gpu_run.sh     # a second call
 # Results: $OUT/*.json and $OUT/summary.md (the table for RESULTS.md), log in $OUT/log,
 # and $OUT/1_trace.tar.gz (3 traced steps of stage 1 and their HLO; read them here with
-# `python benchmarks/profile_step.py --read=DIR`). Stages run in the order
-# 1 3 2 4 5 6; each gets its own timeout or what is left of DEADLINE (seconds since
-# the start, default 560, inside one 10-minute call), whichever is less, and is
-# skipped with under 30 s left.
+# `python benchmarks/profile_step.py --read=DIR`; the script prints its table too).
+# Stage 7 (STAGES="1 7 3 2") times one variant of the JAX step that stage 1's HLO
+# points to, traced as well. Stages run in the order 1 7 3 2 4 5 6; each gets its
+# own timeout or what is left of DEADLINE (seconds since the start, default 560,
+# inside one 10-minute call), whichever is less, and is skipped with under 30 s left.
 # Measured on an H100 SXM (2026-11-27, jax 0.11.2, torch 2.11): one XLA compilation
 # of the ucf101 step took 108 s (cuDNN autotuning) and the JAX step at 16 videos
 # 143 s in all (stage 1 adds a 3-step trace), stage 3 24 s, stage 2 137 s
 # (torch.compile 100 s); stages 4 and 5 compile twice more (two probes without
-# autotuning, then the batch found) and need a call of their own. Stage 6 times the JAX step with the other form of the convolutions
-# (conv_impl=2d1d), to check on the card the choice conv_impl='auto' makes (3d).
+# autotuning, then the batch found) and need a call of their own. Stage 6 times
+# the JAX step with the other form of the convolutions (conv_impl=2d1d), to check
+# on the card the choice conv_impl='auto' makes (3d).
 # Dry run on a CPU (tiny model, batch 2-4, torch.compile left out: on a CPU it
 # builds C++ for minutes); its result is in benchmarks/RESULTS.md:
 #     CONFIG=configs/reference.py:runlocal MIN_BATCH=2 MAX_BATCH=4 MULTIPLE=2 \
@@ -66,12 +68,27 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # JAX may take 95% of the GPU (its default is 75%); each stage is its own process,
 # so JAX and PyTorch never hold the GPU at the same time.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+# JAX's persistent compilation cache (with XLA's per-fusion autotuning results in
+# it): JAX_CACHE names a folder carried from an earlier call to skip the cuDNN
+# autotuning of convolutions already tuned there; the cache goes back as
+# $OUT/jax_cache.tar.gz. A step loaded from it reports its load time as compile s.
+export JAX_COMPILATION_CACHE_DIR=${JAX_CACHE:-/tmp/cvc_jax_cache}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices()[0].device_kind, \
 '| torch', torch.__version__)"
 date -u
 
 STAGES=${STAGES:-1 3 2}
+# A trace folder under /tmp as $2 (tar.gz), its per-op table printed first. The
+# xplane protobuf can outgrow what comes back, so it stays behind when the trace
+# events were also written as JSON.
+pack_trace() {
+  [[ -f /tmp/$1/step.hlo ]] || return 0
+  python3 benchmarks/profile_step.py --read="/tmp/$1" --top=40 2>&1 | tail -n 45
+  local exclude=()
+  find "/tmp/$1" -name "*.trace.json.gz" | grep -q . && exclude=(--exclude="*.xplane.pb")
+  tar czf "$2" -C /tmp "${exclude[@]}" "$1"
+}
 stage() {  # stage NAME TIMEOUT_S COMMAND...: run, report, never stop the script
   local name=$1 limit=$2; shift 2
   local left=$((DEADLINE - SECONDS))
@@ -95,9 +112,33 @@ if [[ " $STAGES " == *" 1 "* ]]; then
       --config.dtype=bfloat16 --min_batch="$MIN_BATCH" --max_batch="$MIN_BATCH" \
       $LIMIT --steps="$STEPS" --json="$OUT/1_jax_bf16.json" --trace_dir=/tmp/cvc_trace
   # The trace events and the HLO; the xplane protobuf can outgrow what comes back.
-  tar czf "$OUT/1_trace.tar.gz" -C /tmp --exclude="*.xplane.pb" cvc_trace 2>/dev/null
+  pack_trace cvc_trace "$OUT/1_trace.tar.gz"
 fi
 BATCH=${BATCH:-$MIN_BATCH}
+
+# 7) JAX, bf16, at BATCH, with other XLA flags (FLAGS7), traced. FLAGS7=auto reads
+#    stage 1's optimised HLO: where cuDNN runs the 3D convolutions channels-first
+#    (dim_labels bf012..., XLA's layout heuristic keeps NCHW for all but bf16 2D
+#    convolutions) it forces channels-last (xla_gpu_force_conv_nhwc), PyTorch's
+#    tuned row running channels_last_3d; otherwise it times the 2D + 1D form.
+if [[ " $STAGES " == *" 7 "* ]]; then
+  FLAGS7=${FLAGS7:-auto}
+  IMPL7=3d
+  if [[ "$FLAGS7" == auto ]]; then
+    FLAGS7=""
+    if grep -q 'dim_labels=bf012' /tmp/cvc_trace/step.hlo 2>/dev/null; then
+      FLAGS7=--xla_gpu_force_conv_nhwc=true
+    else
+      IMPL7=2d1d
+    fi
+  fi
+  XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$FLAGS7" stage "jax_bf16 conv_impl=$IMPL7 XLA_FLAGS+=$FLAGS7" 200 \
+      python3 benchmarks/fit_batch.py --config="$CONFIG" --config.dtype=bfloat16 \
+      --config.model.encoder.conv_impl="$IMPL7" --min_batch="$BATCH" \
+      --max_batch="$BATCH" $LIMIT --steps="$STEPS" --json="$OUT/7_jax_bf16_variant.json" \
+      --trace_dir=/tmp/cvc_trace7
+  pack_trace cvc_trace7 "$OUT/7_trace.tar.gz"
+fi
 
 # 3) and 2) PyTorch at the same batch, halved while it runs out of memory: as the
 #    authors ran it first (it costs no compilation), then tuned.
@@ -139,5 +180,6 @@ if [[ " $STAGES " == *" 6 "* ]]; then
       --json="$OUT/6_jax_bf16_2d1d.json"
 fi
 
+tar czf "$OUT/jax_cache.tar.gz" -C "$JAX_COMPILATION_CACHE_DIR" . 2>/dev/null
 ls "$OUT"/[0-9]_*.json >/dev/null 2>&1 &&
   python3 benchmarks/summarize.py "$OUT"/[0-9]_*.json | tee "$OUT/summary.md"

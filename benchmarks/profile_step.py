@@ -64,6 +64,21 @@ def hlo_ops(hlo_text: str) -> dict[str, str]:
   return ops
 
 
+def step_part(desc: str) -> str:
+  """Which part of the train step an op of `hlo_ops` belongs to, by its JAX op name.
+
+  A fusion carries its root's name, so the split is that of the fusions' roots.
+  """
+  name = desc.partition(" <- ")[2]
+  if "/views/" in name:
+    return "views"
+  if "transpose(" in name:
+    return "backward"
+  if "jvp(" in name:
+    return "forward"
+  return "other (update, queue, unnamed)"
+
+
 def op_times(logdir: str) -> collections.Counter:
   """Microseconds per XLA op in the newest trace under logdir.
 
@@ -94,6 +109,10 @@ def print_table(ops: dict[str, str], times: collections.Counter, step_us: float,
     by_kind[ops[name].split()[0]] += t
   print("By opcode: " + ", ".join(f"{k} {t / step_us:.1%}"
                                   for k, t in by_kind.most_common(8)))
+  by_part = collections.Counter()
+  for name, t in per_op.items():
+    by_part[step_part(ops[name])] += t
+  print("By part: " + ", ".join(f"{k} {t / step_us:.1%}" for k, t in by_part.most_common()))
   for name, t in sorted(per_op.items(), key=lambda kv: -kv[1])[:_TOP.value]:
     print(f"{t / step_us:6.1%} {t / steps / 1e3:9.1f} ms  {name}: {ops[name]}")
 

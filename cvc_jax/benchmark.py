@@ -19,6 +19,7 @@ steps is timed between `block_until_ready`s.
 import dataclasses
 import json
 import math
+import os
 import resource
 import statistics
 import sys
@@ -337,6 +338,8 @@ class TrainStep:
              f"{resnet3d.resolve_conv_impl(c.model.encoder.get('conv_impl', 'auto'))}, "
              f"remat={c.get('remat', 'none')}, host memory "
              f"{'kept' if cvc_jax.HOST_MEMORY_KEPT else 'glibc default'}")
+    if os.environ.get("XLA_FLAGS"):  # compiler flags change the step's speed
+      notes += f", XLA_FLAGS={os.environ['XLA_FLAGS']}"
     return Result(
         framework=f"jax {jax.__version__}", device_kind=kind,
         device_count=len(self.devices), dtype=c.dtype, global_batch=c.batch_size,

@@ -73,7 +73,8 @@ def pretrain_views(frames: jax.Array, rng: jax.Array, config: ml_collections.Con
   sizes = _full_sizes(sizes, b, h, w)
   keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(b))
   video_views = functools.partial(_video_views, config=config)
-  return jax.vmap(video_views)(frames, sizes, keys)
+  with jax.named_scope("views"):  # names the views' ops in a profile
+    return jax.vmap(video_views)(frames, sizes, keys)
 
 
 def train_clip_views(frames: jax.Array, rng: jax.Array, config: ml_collections.ConfigDict,

@@ -91,6 +91,7 @@ def test_jax_benchmark_command_without_tensorflow_on_fake_devices(tmp_path):
   assert r["peak_memory_bytes"] > 0 and "RSS" in r["peak_memory_source"]
   assert r["compile_time_s"] > 0
   assert "conv_impl=2d1d" in r["notes"] and "remat=none" in r["notes"]
+  assert r["notes"].endswith(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")  # the 8 devices
   assert f"{r['step_time_median_s'] * 1e3:.1f} ms" in table
 
 
