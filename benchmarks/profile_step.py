@@ -40,8 +40,9 @@ _READ = flags.DEFINE_string(
 _HLO_OUT = flags.DEFINE_string(
     "hlo_out", None, "Also write the optimised HLO here, to read the trace elsewhere.")
 
-# `name = type[shape] opcode(operands), window={...}, dim_labels=..., metadata=...`
-_HLO_LINE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$")
+# `name = type[shape] opcode(operands), window={...}, dim_labels=..., metadata=...`;
+# a custom call's type is a tuple: `(bf16[...]{...}, u8[...]{0})`.
+_HLO_LINE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^)]*\)|\S+) ([\w\-]+)\((.*)$")
 
 
 def hlo_ops(hlo_text: str) -> dict[str, str]:
@@ -53,8 +54,8 @@ def hlo_ops(hlo_text: str) -> dict[str, str]:
       continue
     name, shape, opcode, rest = m.groups()
     desc = [opcode, shape]
-    for key in ("window", "dim_labels", "calls"):
-      found = re.search(key + r"=(\{[^}]*\}|[\w.\-]+)", rest)
+    for key in ("window", "dim_labels", "calls", "custom_call_target"):
+      found = re.search(key + r"=(\{[^}]*\}|\"[^\"]*\"|[\w.\->]+)", rest)
       if found:
         desc.append(f"{key}={found.group(1)}")
     found = re.search(r'op_name="([^"]*)"', rest)
@@ -79,11 +80,32 @@ def step_part(desc: str) -> str:
   return "other (update, queue, unnamed)"
 
 
-def op_times(logdir: str) -> collections.Counter:
-  """Microseconds per XLA op in the newest trace under logdir.
+def _kernel_op(event: dict, known) -> str:
+  """The XLA op a GPU kernel's trace event ran for.
 
-  On CPU an op's events carry its name; on GPU the kernels it launched carry it
-  in `args.hlo_op` (one op may launch several), and those are the device time.
+  A kernel's event names its op in `args.hlo_op`, except inside a command buffer
+  (XLA replays runs of ops as one CUDA graph): there `hlo_op` names the buffer,
+  and the kernel is named after its op with "_" for the HLO name's "."
+  (`loop_convert_fusion_3` ran `loop_convert_fusion.3`). `known` holds the HLO's
+  op names; a kernel matching none stays with its buffer.
+  """
+  op, kernel = event["args"]["hlo_op"], event["name"]
+  if op in known and not op.startswith("command_buffer"):
+    return op
+  for name in (kernel, re.sub(r"_(\d+)$", r".\1", kernel)):
+    if name in known:
+      return name
+  return op
+
+
+def op_times(logdir: str, known=frozenset()) -> tuple[collections.Counter,
+                                                      collections.Counter]:
+  """Microseconds per XLA op, and per GPU kernel, in the newest trace under logdir.
+
+  On CPU an op's events carry its name, and there are no kernels. On GPU the
+  kernels are the device time, each counted to its op (`_kernel_op`, `known` the
+  HLO's op names) and by its own name: cuDNN's layout transposes and channel
+  padding run as kernels of the convolution they serve.
   """
   path = sorted(glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"),
                           recursive=True))[-1]
@@ -91,19 +113,28 @@ def op_times(logdir: str) -> collections.Counter:
     events = json.load(f)["traceEvents"]
   complete = [e for e in events if e.get("ph") == "X"]
   on_device = [e for e in complete if "hlo_op" in e.get("args", {})]
-  times = collections.Counter()
-  for e in on_device or complete:
-    times[e["args"]["hlo_op"] if on_device else e["name"]] += e["dur"]
-  return times
+  times, kernels = collections.Counter(), collections.Counter()
+  for e in on_device:
+    times[_kernel_op(e, known)] += e["dur"]
+    kernels[e["name"]] += e["dur"]
+  if not on_device:
+    for e in complete:
+      times[e["name"]] += e["dur"]
+  return times, kernels
 
 
 def print_table(ops: dict[str, str], times: collections.Counter, step_us: float,
-                steps: int) -> None:
-  """The ops of `ops` that took the most of `times`, as shares of `step_us`."""
+                steps: int, kernels: collections.Counter | None = None,
+                time_kind: str = "wall time") -> None:
+  """The ops of `ops` that took the most of `times`, as shares of `step_us`, after
+  the GPU kernels that took the most (`kernels`), if any."""
   per_op = {n: t for n, t in times.items() if n in ops}
-  print(f"{steps} traced steps, {step_us / steps / 1e6:.3f} s per step; XLA ops "
-        f"account for {sum(per_op.values()) / step_us:.0%} of the wall time (ops on "
+  print(f"{steps} traced steps, {step_us / steps / 1e6:.4f} s per step; XLA ops "
+        f"account for {sum(per_op.values()) / step_us:.0%} of the {time_kind} (ops on "
         "several threads can add up to more than 100%).")
+  if kernels and set(kernels) - set(ops):  # GPU kernels, not CPU thunks named as ops
+    print("Kernels: " + "; ".join(f"{k[:70]} {t / step_us:.1%}"
+                                  for k, t in kernels.most_common(6)))
   by_kind = collections.Counter()
   for name, t in per_op.items():
     by_kind[ops[name].split()[0]] += t
@@ -124,9 +155,10 @@ def main(argv):
     # A trace written elsewhere (`fit_batch.py --trace_dir`: 3 steps and step.hlo).
     with open(os.path.join(_READ.value, "step.hlo")) as f:
       ops = hlo_ops(f.read())
-    times = op_times(_READ.value)
-    print("Shares of the traced ops' summed time (no wall time in a read trace).")
-    print_table(ops, times, sum(t for n, t in times.items() if n in ops), 3)
+    times, kernels = op_times(_READ.value, ops.keys())
+    # No wall time in a read trace: shares of the kernels' (GPU) or ops' (CPU) sum.
+    print_table(ops, times, sum(times.values()), 3, kernels,
+                "device time" if kernels else "ops' summed time")
     return
   step = benchmark.TrainStep(FLAGS.config, remat=FLAGS.remat,
                              log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -138,7 +170,9 @@ def main(argv):
   if _HLO_OUT.value:
     with open(_HLO_OUT.value, "w") as f:
       f.write(hlo)
-  print_table(hlo_ops(hlo), op_times(_LOGDIR.value), sum(times) * 1e6, len(times))
+  ops = hlo_ops(hlo)
+  op_us, kernels = op_times(_LOGDIR.value, ops.keys())
+  print_table(ops, op_us, sum(times) * 1e6, len(times), kernels)
 
 
 if __name__ == "__main__":

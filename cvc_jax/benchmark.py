@@ -33,6 +33,7 @@ import numpy as np
 from ml_collections import config_flags
 
 import cvc_jax
+from cvc_jax import models
 from cvc_jax import pretrain
 from cvc_jax import views as views_lib
 from cvc_jax.models import resnet3d
@@ -311,7 +312,10 @@ class TrainStep:
         f"{self.devices[0].device_kind}.")
     start = time.perf_counter()
     traced = p_step.trace(state, self.batch, self.rng)
-    self.compiled = traced.lower().compile(compiler_options=compiler_options)
+    # The options pretraining compiles its step with, and this compilation's own.
+    self.compiler_options = {**(models.conv_compiler_options(config.dtype) or {}),
+                             **(compiler_options or {})}
+    self.compiled = traced.lower().compile(compiler_options=self.compiler_options or None)
     self.compile_time = time.perf_counter() - start
     self.state = state
     # MFU counts the step's convolutions and matrix products from its jaxpr, as
@@ -338,6 +342,9 @@ class TrainStep:
              f"{resnet3d.resolve_conv_impl(c.model.encoder.get('conv_impl', 'auto'))}, "
              f"remat={c.get('remat', 'none')}, host memory "
              f"{'kept' if cvc_jax.HOST_MEMORY_KEPT else 'glibc default'}")
+    if self.compiler_options:
+      notes += ", compiler options " + " ".join(
+          f"{k}={v}" for k, v in sorted(self.compiler_options.items()))
     if os.environ.get("XLA_FLAGS"):  # compiler flags change the step's speed
       notes += f", XLA_FLAGS={os.environ['XLA_FLAGS']}"
     return Result(

@@ -331,7 +331,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
   p_step = jax.jit(step_fn, donate_argnums=(0,),
                    in_shardings=(replicated, batch_sharding, replicated),
-                   out_shardings=(replicated, replicated))
+                   out_shardings=(replicated, replicated),
+                   compiler_options=models.conv_compiler_options(config.dtype))
   batches = input_pipeline.pretrain_batches(config, start_step=start_step)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)

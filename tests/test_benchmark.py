@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import flax.linen as nn
 import jax
@@ -16,6 +17,7 @@ import pytest
 
 from configs import reference
 from cvc_jax import benchmark
+from cvc_jax import models
 from cvc_jax import pretrain
 from cvc_jax.models import cvc
 from cvc_jax.models import resnet3d
@@ -114,21 +116,43 @@ def test_count_flops_command_compiles_nothing():
 def test_profile_reads_device_time_per_op_from_a_gpu_trace(tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   import profile_step  # pylint: disable=g-import-not-at-top
+  # A cuDNN convolution as the optimised HLO of a GPU step writes it.
+  hlo = ('  %cudnn-conv.2 = (bf16[96,16,56,56,45]{4,3,2,1,0}, u8[77]{0}) custom-call('
+         '%a, %b), window={size=1x7x7 stride=1x2x2}, dim_labels=b012f_o012i->b012f, '
+         'custom_call_target="__cudnn$convForward", metadata={op_name="jit(step_fn)/'
+         'jvp(CVCModel)/backbone/stem_0/conv_general_dilated"}\n'
+         '  %loop_fusion.1 = bf16[8]{0} fusion(%c), kind=kLoop, calls=%fused_1\n'
+         '  ROOT %input_reduce_fusion = f32[8]{0} fusion(%d), kind=kInput, calls=%f\n')
+  ops = profile_step.hlo_ops(hlo)
+  assert ops["cudnn-conv.2"].startswith("custom-call (bf16[96,16,56,56,45]")
+  assert "dim_labels=b012f_o012i->b012f" in ops["cudnn-conv.2"]
+  assert 'custom_call_target="__cudnn$convForward"' in ops["cudnn-conv.2"]
+  assert profile_step.step_part(ops["cudnn-conv.2"]) == "forward"
   trace = tmp_path / "plugins" / "profile" / "run" / "host.trace.json.gz"
   trace.parent.mkdir(parents=True)
-  events = [  # host-side thunks carry the op's name; kernels carry it in args
+  # The event forms of a jax 0.11 trace on an H200: host thunks carry the op's
+  # name; kernels name their op in args.hlo_op, or, inside a command buffer,
+  # through their own name ("_" for the ".").
+  cuda_graph = {"hlo_op": "command_buffer_7"}
+  events = [
       {"ph": "X", "name": "fusion.1", "dur": 900},
-      {"ph": "X", "name": "sm90_xmma_conv", "dur": 30, "args": {"hlo_op": "conv.2"}},
-      {"ph": "X", "name": "sm90_xmma_conv_2", "dur": 12, "args": {"hlo_op": "conv.2"}},
-      {"ph": "X", "name": "loop_fusion", "dur": 5, "args": {"hlo_op": "fusion.1"}},
+      {"ph": "X", "name": "sm90_xmma_fprop", "dur": 30, "args": {"hlo_op": "cudnn-conv.2"}},
+      {"ph": "X", "name": "nhwcAddPaddingKernel", "dur": 12,
+       "args": {"hlo_op": "cudnn-conv.2"}},
+      {"ph": "X", "name": "loop_fusion_1", "dur": 5, "args": cuda_graph},
+      {"ph": "X", "name": "input_reduce_fusion", "dur": 4, "args": cuda_graph},
+      {"ph": "X", "name": "memcpy128", "dur": 1, "args": cuda_graph},
       {"ph": "i", "name": "marker"}]
   with gzip.open(trace, "wt") as f:
     json.dump({"traceEvents": events}, f)
-  assert profile_step.op_times(str(tmp_path)) == {"conv.2": 42, "fusion.1": 5}
+  times, kernels = profile_step.op_times(str(tmp_path), ops.keys())
+  assert times == {"cudnn-conv.2": 42, "loop_fusion.1": 5, "input_reduce_fusion": 4,
+                   "command_buffer_7": 1}
+  assert kernels["nhwcAddPaddingKernel"] == 12 and sum(kernels.values()) == 52
   # A CPU trace (no kernels) is summed by event name.
   with gzip.open(trace, "wt") as f:
     json.dump({"traceEvents": events[:1] + events[-1:]}, f)
-  assert profile_step.op_times(str(tmp_path)) == {"fusion.1": 900}
+  assert profile_step.op_times(str(tmp_path), ops.keys()) == ({"fusion.1": 900}, {})
 
 
 def test_gpu_path_imports_without_tensorflow_clu_grain():
@@ -279,6 +303,23 @@ def test_auto_conv_impl_is_2d1d_on_cpu():
   assert resnet3d.resolve_conv_impl("3d") == "3d"
   with pytest.raises(ValueError, match="conv_impl"):
     resnet3d.resolve_conv_impl("2d")
+
+
+def test_conv_compiler_options_force_channels_last_for_16_bit_on_nvidia(monkeypatch):
+  assert models.conv_compiler_options("bfloat16") is None  # this CPU
+  card = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H200")
+  monkeypatch.setattr(jax, "devices", lambda *args: [card])
+  assert models.conv_compiler_options("bfloat16") == {"xla_gpu_force_conv_nhwc": True}
+  assert models.conv_compiler_options(jnp.float16) == {"xla_gpu_force_conv_nhwc": True}
+  assert models.conv_compiler_options("float32") is None
+  card.device_kind = "AMD Instinct MI300X"
+  assert models.conv_compiler_options("bfloat16") is None
+  monkeypatch.undo()
+  # XLA knows the option's name: a misspelt one is refused.
+  assert jax.jit(lambda x: x + 1,
+                 compiler_options=models.GPU_16BIT_CONV_COMPILER_OPTIONS)(1) == 2
+  with pytest.raises(Exception, match="No such compile option"):
+    jax.jit(lambda x: x + 1, compiler_options={"xla_gpu_force_conv_nhwcc": True})(1)
 
 
 def test_remat_keeps_loss_and_gradients():

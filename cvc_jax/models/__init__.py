@@ -2,6 +2,7 @@
 pretraining model (`cvc`) and exported encoders (`exported`)."""
 
 import jax
+import jax.numpy as jnp
 
 # Initialisation runs once, so what matters on CPU is its compile time, which is
 # mostly LLVM optimising one random-number kernel (a threefry hash and a
@@ -25,3 +26,23 @@ def jit_init(fn, **jit_kwargs):
   Call it outside any jit: JAX refuses compiler options on a nested one.
   """
   return jax.jit(fn, compiler_options=init_compiler_options(), **jit_kwargs)
+
+
+# cuDNN runs 16-bit convolutions on the tensor cores channels-last. XLA's layout
+# heuristic gives that layout to 16-bit 2D convolutions only, so around each of
+# R(2+1)D's 3D ones cuDNN transposed the operands to channels-last and back: 41%
+# of the GPU time of the bfloat16 train step of configs/ucf101.py (16 videos, an
+# H200; jax.profiler trace of `benchmarks/gpu_run.sh` stage 1). With the layout
+# forced the step took 125.1 ms instead of 170.3 (benchmarks/RESULTS.md). Float32
+# convolutions keep XLA's choice: nobody has timed them forced.
+GPU_16BIT_CONV_COMPILER_OPTIONS = {"xla_gpu_force_conv_nhwc": True}
+
+
+def conv_compiler_options(dtype) -> dict | None:
+  """XLA options for a program whose convolutions compute in `dtype`:
+  `GPU_16BIT_CONV_COMPILER_OPTIONS` for 16-bit dtypes on NVIDIA GPUs, else None."""
+  device = jax.devices()[0]
+  if (device.platform == "gpu" and device.device_kind.startswith("NVIDIA")
+      and jnp.dtype(dtype).itemsize == 2):
+    return GPU_16BIT_CONV_COMPILER_OPTIONS
+  return None
