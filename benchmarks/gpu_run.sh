@@ -21,10 +21,16 @@
 # Measured on an H100 SXM (2026-11-27, jax 0.11.2, torch 2.11): one XLA compilation
 # of the ucf101 step took 108 s (cuDNN autotuning) and the JAX step at 16 videos
 # 143 s in all (stage 1 adds a 3-step trace), stage 3 24 s, stage 2 137 s
-# (torch.compile 100 s); stages 4 and 5 compile twice more (two probes without
-# autotuning, then the batch found) and need a call of their own. Stage 6 times
-# the JAX step with the other form of the convolutions (conv_impl=2d1d), to check
-# on the card the choice conv_impl='auto' makes (3d).
+# (torch.compile 100 s). On an H200 (session 8, STAGES="1 7 3 2"): 153, 127, 27
+# and 162 s, 496 s in all. Stages 4 and 5 compile twice more (two probes without
+# autotuning, then the batch found) and need a call of their own: on the H200
+# stage 4 ran out of 272 s while autotuning the batch it found (80). Stage 6
+# times the JAX step with the other form of the convolutions (conv_impl=2d1d),
+# to check on the card the choice conv_impl='auto' makes (3d).
+# A call's autotuning results come back in $OUT/jax_cache.tar.gz: unpacked into
+# .jaxcache/ (git-ignored; the development machine keeps session 8's, jax 0.11.2,
+# the ucf101 step at 16 videos and part of 80), carried, and named by
+# JAX_CACHE=.jaxcache, they spare the next call tuning those convolutions again.
 # Dry run on a CPU (tiny model, batch 2-4, torch.compile left out: on a CPU it
 # builds C++ for minutes); its result is in benchmarks/RESULTS.md:
 #     CONFIG=configs/reference.py:runlocal MIN_BATCH=2 MAX_BATCH=4 MULTIPLE=2 \
@@ -72,7 +78,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 # it): JAX_CACHE names a folder carried from an earlier call to skip the cuDNN
 # autotuning of convolutions already tuned there; the cache goes back as
 # $OUT/jax_cache.tar.gz. A step loaded from it reports its load time as compile s.
-export JAX_COMPILATION_CACHE_DIR=${JAX_CACHE:-/tmp/cvc_jax_cache}
+export JAX_COMPILATION_CACHE_DIR=$(realpath -m "${JAX_CACHE:-/tmp/cvc_jax_cache}")
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices()[0].device_kind, \
 '| torch', torch.__version__)"
