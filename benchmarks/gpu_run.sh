@@ -15,7 +15,8 @@
 # and $OUT/1_trace.tar.gz (3 traced steps of stage 1 and their HLO; read them here with
 # `python benchmarks/profile_step.py --read=DIR`; the script prints its table too).
 # Stage 7 (STAGES="1 7 3 2") times one variant of the JAX step that stage 1's HLO
-# points to, traced as well. Stages run in the order 1 7 3 2 4 5 6; each gets its
+# points to, traced as well; stage 8 the channel padding of conv_impl=3d_pad8.
+# Stages run in the order 1 7 8 3 2 4 5 6; each gets its
 # own timeout or what is left of DEADLINE (seconds since the start, default 560,
 # inside one 10-minute call), whichever is less, and is skipped with under 30 s left.
 # Measured on an H100 SXM (2026-11-27, jax 0.11.2, torch 2.11): one XLA compilation
@@ -144,6 +145,17 @@ if [[ " $STAGES " == *" 7 "* ]]; then
       --max_batch="$BATCH" $LIMIT --steps="$STEPS" --json="$OUT/7_jax_bf16_variant.json" \
       --trace_dir=/tmp/cvc_trace7
   pack_trace cvc_trace7 "$OUT/7_trace.tar.gz"
+fi
+
+# 8) JAX, bf16, at BATCH, every convolution's channels zero-padded to a multiple of
+#    8 in XLA (conv_impl=3d_pad8), traced: stage 7's profile had cuDNN padding
+#    R(2+1)D's widths 3, 45, 230, 460 and 921 itself for 10.8% of the step.
+if [[ " $STAGES " == *" 8 "* ]]; then
+  stage "jax_bf16 conv_impl=3d_pad8" 200 python3 benchmarks/fit_batch.py \
+      --config="$CONFIG" --config.dtype=bfloat16 --config.model.encoder.conv_impl=3d_pad8 \
+      --min_batch="$BATCH" --max_batch="$BATCH" $LIMIT --steps="$STEPS" \
+      --json="$OUT/8_jax_bf16_pad8.json" --trace_dir=/tmp/cvc_trace8
+  pack_trace cvc_trace8 "$OUT/8_trace.tar.gz"
 fi
 
 # 3) and 2) PyTorch at the same batch, halved while it runs out of memory: as the

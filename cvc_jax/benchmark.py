@@ -249,9 +249,21 @@ def _step_fn(config, steps_per_epoch):
   return step_fn
 
 
+def _unpadded(config):
+  """`config`, or a copy whose '3d_pad8' convolutions are the '3d' ones they
+  compute: the padding's zeros are not the model's work, so MFU leaves them out."""
+  if config.model.encoder.get("conv_impl") != "3d_pad8":
+    return config
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.encoder.conv_impl = "3d"
+  return config
+
+
 def step_flops(config) -> float:
   """`jaxpr_flops` of one train step of `config`, traced from shapes alone (nothing
   is allocated or compiled): what the benchmark's MFU counts, for any batch."""
+  config = _unpadded(config)
   b, t = config.batch_size, config.input.num_frames
   (h, w), s = config.input.raw_size, config.input.crop_size
   state = jax.eval_shape(lambda rng: pretrain.create_train_state(
@@ -323,7 +335,9 @@ class TrainStep:
     # compiled program leaves out library calls (on an H100 it counted 0.28 of
     # the 23 TFLOP of configs/ucf101.py's step at batch 16: the cuDNN
     # convolutions are missing), so it is shown beside, not used.
-    self.flops = jaxpr_flops(traced.jaxpr)
+    model_config = _unpadded(config)
+    self.flops = (jaxpr_flops(traced.jaxpr) if model_config is config
+                  else step_flops(model_config))
     # SPMD programs are per device: the compiled cost analysis counts one share.
     xla = _flops(self.compiled)
     self.flops_source = "convolutions and matrix products of the jaxpr; XLA cost " + (

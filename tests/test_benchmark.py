@@ -113,6 +113,14 @@ def test_count_flops_command_compiles_nothing():
   assert expected == pytest.approx(2 * benchmark.step_flops(config), rel=0.01)
 
 
+def test_padded_convolutions_count_the_model_flops():
+  config = reference.get_config("runlocal")
+  config.model.encoder.conv_impl = "3d"
+  plain = benchmark.step_flops(config)
+  config.model.encoder.conv_impl = "3d_pad8"  # the zeros it adds are not counted
+  assert benchmark.step_flops(config) == plain
+
+
 def test_profile_reads_device_time_per_op_from_a_gpu_trace(tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   import profile_step  # pylint: disable=g-import-not-at-top
@@ -278,7 +286,7 @@ def test_conv_impls_give_one_encoder(encoder):
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(1), (2, 4, 16, 16, 3), jnp.float64)
     results = []
-    for impl in ("3d", "2d1d"):
+    for impl in ("3d", "2d1d", "3d_pad8"):
       module = resnet3d.build_encoder(dict(encoder, conv_impl=impl), dtype=jnp.float64)
       variables = jax.jit(functools.partial(module.init, train=False))(
           jax.random.key(0), x)
@@ -291,11 +299,19 @@ def test_conv_impls_give_one_encoder(encoder):
 
       grads, outs = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
       results.append((variables, outs, grads))
-  (vars3d, *rest3d), (vars2d, *rest2d) = results
-  assert jax.tree.structure(vars3d) == jax.tree.structure(vars2d)
-  jax.tree.map(np.testing.assert_array_equal, vars3d, vars2d)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-               rest3d, rest2d)
+      if impl == "3d_pad8":  # cuDNN would see only widths that are multiples of 8
+        jaxpr = jax.make_jaxpr(functools.partial(module.apply, train=False))(variables, x)
+        convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+        assert convs
+        for e in convs:  # NDHWC input, DHWIO kernel
+          lhs, rhs = (v.aval.shape for v in e.invars)
+          assert lhs[-1] % 8 == rhs[-2] % 8 == rhs[-1] % 8 == 0, (lhs, rhs)
+  (vars3d, *rest3d) = results[0]
+  for variables, *rest in results[1:]:
+    assert jax.tree.structure(vars3d) == jax.tree.structure(variables)
+    jax.tree.map(np.testing.assert_array_equal, vars3d, variables)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 rest3d, rest)
 
 
 def test_auto_conv_impl_is_2d1d_on_cpu():

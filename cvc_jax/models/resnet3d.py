@@ -108,14 +108,20 @@ DEPTH_TO_BLOCKS = {
 }
 
 
-# How convolutions run. '3d': all as 3D convolutions. '2d1d': those with a
+# How convolutions run. '3d': all as 3D convolutions. '3d_pad8': as '3d', each
+# one's input and output channels zero-padded to a multiple of 8 around the call
+# (`PaddedConv`): cuDNN's tensor-core kernels want such widths and otherwise pad
+# them themselves, which took 10.8% of the bf16 step's GPU time on an H200 for
+# R(2+1)D's widths 3, 45, 230, 460 and 921 (benchmarks/RESULTS.md); whether
+# padding in XLA, where it can join the neighbouring fusions, is faster is for
+# `benchmarks/gpu_run.sh` stage 8 to measure. '2d1d': those with a
 # (1, k, k) or (1, 1, 1) kernel as 2D convolutions of single frames (time joins
 # the batch), those with a (k, 1, 1) kernel as (k, 1) 2D convolutions over time
 # and pixels ([B, T, H*W, C]); full 3D kernels stay 3D. 'auto':
 # the form measured fastest on the backend (benchmarks/RESULTS.md): '2d1d' on
 # CPUs, whose XLA backend runs 3D convolutions and their gradients far slower
 # than 2D ones; '3d' elsewhere (cuDNN and the TPU compiler take 3D as it is).
-CONV_IMPLS = ("3d", "2d1d", "auto")
+CONV_IMPLS = ("3d", "3d_pad8", "2d1d", "auto")
 
 # What a residual block keeps for the backward pass (`remat`). 'none': every
 # activation (fastest). 'blocks': only each block's input, all else recomputed
@@ -126,7 +132,7 @@ REMAT_POLICIES = {"none": None, "blocks": jax.checkpoint_policies.nothing_saveab
 
 
 def resolve_conv_impl(conv_impl: str) -> str:
-  """'3d' or '2d1d': `conv_impl`, with 'auto' decided for the default backend."""
+  """`conv_impl` with 'auto' decided for the default backend: '3d', '3d_pad8' or '2d1d'."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
   if conv_impl == "auto":
@@ -337,11 +343,41 @@ class FactorisedConv(nn.Module):
     return _temporal_conv(x, kernel[:, 0, 0], (st,))
 
 
+class PaddedConv(nn.Module):
+  """A bias-free 3D convolution run with its channels zero-padded to a multiple.
+
+  The padded input channels meet zero kernel rows and the padded output channels
+  are cut off, so it computes `nn.Conv`'s function, with `nn.Conv`'s one
+  parameter ('kernel' [kt, kh, kw, in, out], initialised the same way); only the
+  shapes the backend's convolution sees change. Padding is PyTorch's symmetric k // 2.
+  """
+  features: int
+  kernel_size: tuple[int, int, int]
+  strides: tuple[int, int, int]
+  multiple: int = 8
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    kernel = self.param("kernel", conv_init,
+                        tuple(self.kernel_size) + (channels, self.features), jnp.float32)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    extra_in, extra_out = -channels % self.multiple, -self.features % self.multiple
+    x = jnp.pad(x, [(0, 0)] * 4 + [(0, extra_in)])
+    kernel = jnp.pad(kernel, [(0, 0)] * 3 + [(0, extra_in), (0, extra_out)])
+    y = _conv3d(x, kernel, self.strides, [(k // 2, k // 2) for k in self.kernel_size])
+    return y[..., :self.features]
+
+
 def _conv(features, kernel, strides, name, dtype, conv_impl="3d"):
   """A bias-free 3D convolution with PyTorch's symmetric padding k // 2."""
   kt, kh, kw = kernel
-  if resolve_conv_impl(conv_impl) == "2d1d" and (kt == 1 or kh == kw == 1):
+  impl = resolve_conv_impl(conv_impl)
+  if impl == "2d1d" and (kt == 1 or kh == kw == 1):
     return FactorisedConv(features, tuple(kernel), tuple(strides), dtype, name=name)
+  if impl == "3d_pad8":
+    return PaddedConv(features, tuple(kernel), tuple(strides), 8, dtype, name=name)
   return nn.Conv(
       features, kernel, strides=strides, padding=[(k // 2, k // 2) for k in kernel],
       use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
