@@ -16,9 +16,9 @@
 # `python benchmarks/profile_step.py --read=DIR`; the script prints its table too).
 # Stage 7 (STAGES="1 7 3 2") times one variant of the JAX step that stage 1's HLO
 # points to, traced as well; stage 8 the channel padding of conv_impl=3d_pad8.
-# Stages run in the order 1 7 8 3 2 4 5 6; each gets its
-# own timeout or what is left of DEADLINE (seconds since the start, default 560,
-# inside one 10-minute call), whichever is less, and is skipped with under 30 s left.
+# Stages run in the order 1 7 8 3 2 4 5 6; each gets its own timeout or what is
+# left of DEADLINE (seconds since the start, default 560, inside one 10-minute
+# call), whichever is less, and is skipped with under 30 s left.
 # Measured on an H100 SXM (2026-11-27, jax 0.11.2, torch 2.11): one XLA compilation
 # of the ucf101 step took 108 s (cuDNN autotuning) and the JAX step at 16 videos
 # 143 s in all (stage 1 adds a 3-step trace), stage 3 24 s, stage 2 137 s
@@ -118,7 +118,6 @@ if [[ " $STAGES " == *" 1 "* ]]; then
   stage jax_bf16 200 python3 benchmarks/fit_batch.py --config="$CONFIG" \
       --config.dtype=bfloat16 --min_batch="$MIN_BATCH" --max_batch="$MIN_BATCH" \
       $LIMIT --steps="$STEPS" --json="$OUT/1_jax_bf16.json" --trace_dir=/tmp/cvc_trace
-  # The trace events and the HLO; the xplane protobuf can outgrow what comes back.
   pack_trace cvc_trace "$OUT/1_trace.tar.gz"
 fi
 BATCH=${BATCH:-$MIN_BATCH}
@@ -139,8 +138,9 @@ if [[ " $STAGES " == *" 7 "* ]]; then
       IMPL7=2d1d
     fi
   fi
-  XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$FLAGS7" stage "jax_bf16 conv_impl=$IMPL7 XLA_FLAGS+=$FLAGS7" 200 \
-      python3 benchmarks/fit_batch.py --config="$CONFIG" --config.dtype=bfloat16 \
+  XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$FLAGS7" \
+    stage "jax_bf16 conv_impl=$IMPL7 XLA_FLAGS+=$FLAGS7" 200 python3 benchmarks/fit_batch.py \
+      --config="$CONFIG" --config.dtype=bfloat16 \
       --config.model.encoder.conv_impl="$IMPL7" --min_batch="$BATCH" \
       --max_batch="$BATCH" $LIMIT --steps="$STEPS" --json="$OUT/7_jax_bf16_variant.json" \
       --trace_dir=/tmp/cvc_trace7
