@@ -123,7 +123,7 @@ def main(argv):
                   max_batch=_MAX_BATCH.value, multiple=_MULTIPLE.value,
                   limit=_FRACTION.value * limit,
                   probe_options=PROBE_OPTIONS.get(jax.devices()[0].platform))
-  result = step.result(benchmark.time_steps(step, steps=FLAGS.steps, warmup=FLAGS.warmup))
+  result = benchmark.measure(step, steps=FLAGS.steps, warmup=FLAGS.warmup)
   result.notes += "; " + how
   print(benchmark.format_table(result))
   if FLAGS.json:

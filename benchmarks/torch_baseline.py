@@ -245,6 +245,19 @@ class TorchStep:
     self.queue = torch.cat([self.queue[b:], codes], dim=0)
     return loss
 
+  def launch(self):
+    """Queues one step (on a GPU) and returns its loss, not waited for."""
+    return self._step(self.loss_fn)
+
+  def finish(self, loss) -> None:
+    """Reads the loss of a queued step, which waits for it, as a training loop
+    that logs or checks it does."""
+    self.loss = loss
+    float(loss)
+
+  def wait(self) -> None:
+    self._sync()
+
   def __call__(self) -> None:
     self.loss = self._step(self.loss_fn)
     self._sync()
@@ -317,9 +330,8 @@ def args_from_config(config, extra=()) -> argparse.Namespace:
 
 def run(args) -> benchmark.Result:
   """Builds the model and optimiser, then times `args.steps` training steps."""
-  step = TorchStep(args)
-  return step.result(benchmark.time_steps(step, steps=args.steps,
-                                          warmup=max(args.warmup - 1, 0)))
+  return benchmark.measure(TorchStep(args), steps=args.steps,
+                           warmup=max(args.warmup - 1, 0))
 
 
 def main(argv=None):

@@ -110,6 +110,8 @@ class Result:
   peak_memory_source: str
   compile_time_s: float
   notes: str = ""
+  # As many steps again, each one's result read only once the next was queued.
+  pipelined_step_time_s: float | None = None
 
   @property
   def step_time_s(self) -> float:
@@ -131,7 +133,10 @@ class Result:
         videos_per_s=self.global_batch / t,
         clips_per_s=self.global_batch * CLIPS_PER_VIDEO / t,
         tflops_per_s=self.flops_per_step / t / 1e12 if self.flops_per_step else None,
-        mfu=mfu)
+        mfu=mfu,
+        pipelined_clips_per_s=(self.global_batch * CLIPS_PER_VIDEO /
+                               self.pipelined_step_time_s
+                               if self.pipelined_step_time_s else None))
 
   def to_json(self) -> dict:
     return dict(dataclasses.asdict(self), **self.summary())
@@ -166,6 +171,10 @@ def format_table(r: Result) -> str:
                          "{:.2f} GiB") + f" ({r.peak_memory_source})"),
       ("compile time", f"{r.compile_time_s:.1f} s"),
   ]
+  if r.pipelined_step_time_s:
+    rows.insert(6, ("pipelined step", (
+        f"{r.pipelined_step_time_s * 1e3:.1f} ms = {s['pipelined_clips_per_s']:.2f} "
+        f"clips/s, {len(r.step_times_s)} steps each read once the next was queued")))
   if r.notes:
     rows.append(("notes", r.notes))
   width = max(len(k) for k, _ in rows)
@@ -343,11 +352,24 @@ class TrainStep:
     self.flops_source = "convolutions and matrix products of the jaxpr; XLA cost " + (
         f"analysis {xla * len(self.devices) / 1e12:.3f} T" if xla else "analysis n/a")
 
-  def __call__(self) -> None:
+  def launch(self):
+    """Queues one step and returns its metrics without waiting for them."""
     self.state, metrics = self.compiled(self.state, self.batch, self.rng)
-    jax.block_until_ready((self.state, metrics))
+    return metrics
+
+  def finish(self, metrics) -> None:
+    """Waits for the step that returned `metrics`; warns if its loss was not finite."""
     if not bool(metrics["finite"]):
       self.log("Warning: a step had a non-finite loss (the state was kept).")
+
+  def wait(self) -> None:
+    """Waits for every queued step."""
+    jax.block_until_ready(self.state)
+
+  def __call__(self) -> None:
+    metrics = self.launch()
+    jax.block_until_ready((self.state, metrics))
+    self.finish(metrics)
 
   def result(self, times: list[float]) -> Result:
     memory, memory_source = _memory(self.devices[0])
@@ -382,6 +404,34 @@ def time_steps(step, *, steps: int, warmup: int) -> list[float]:
   return times
 
 
+def time_pipelined(step, *, steps: int) -> float:
+  """Seconds per step over `steps` steps run as `pretrain` runs them.
+
+  Each step's result is read only after the next step is queued, so the host
+  prepares step n + 1 while the device runs step n; `time_steps`, which waits
+  for each step, also times the device idling while the host dispatches (9 of
+  125 ms of the H200 step of configs/ucf101.py, benchmarks/RESULTS.md). `step`
+  has `launch()` (queue a step, return a handle), `finish(handle)` and `wait()`.
+  """
+  start = time.perf_counter()
+  pending = step.launch()
+  for _ in range(steps - 1):
+    queued = step.launch()
+    step.finish(pending)
+    pending = queued
+  step.finish(pending)
+  step.wait()
+  return (time.perf_counter() - start) / steps
+
+
+def measure(step, *, steps: int, warmup: int) -> Result:
+  """`step`'s `Result`: `warmup` untimed steps, `steps` timed one by one (the
+  median and spread), then `steps` more pipelined (`time_pipelined`)."""
+  result = step.result(time_steps(step, steps=steps, warmup=warmup))
+  result.pipelined_step_time_s = time_pipelined(step, steps=steps)
+  return result
+
+
 def run(config, *, steps: int = 20, warmup: int = 2, remat: str | None = None,
         log=print) -> Result:
   """Compiles and times the train step of `config` on every visible device.
@@ -396,8 +446,7 @@ def run(config, *, steps: int = 20, warmup: int = 2, remat: str | None = None,
   Returns:
     The `Result`.
   """
-  step = TrainStep(config, remat=remat, log=log)
-  return step.result(time_steps(step, steps=steps, warmup=warmup))
+  return measure(TrainStep(config, remat=remat, log=log), steps=steps, warmup=warmup)
 
 
 def write_json(result: Result, path: str) -> None:

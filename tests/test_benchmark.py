@@ -94,6 +94,12 @@ def test_jax_benchmark_command_without_tensorflow_on_fake_devices(tmp_path):
   assert r["compile_time_s"] > 0
   assert "conv_impl=2d1d" in r["notes"] and "remat=none" in r["notes"]
   assert r["notes"].endswith(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")  # the 8 devices
+  np.testing.assert_allclose(r["pipelined_clips_per_s"], 6 * 8 / r["pipelined_step_time_s"])
+  assert f"{r['pipelined_step_time_s'] * 1e3:.1f} ms = " in table
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import summarize  # pylint: disable=g-import-not-at-top
+  row = summarize.table([path]).splitlines()[-1]
+  assert f"| {r['pipelined_step_time_s'] * 1e3:.1f} ({r['pipelined_clips_per_s']:.2f}) |" in row
   assert f"{r['step_time_median_s'] * 1e3:.1f} ms" in table
 
 
@@ -183,6 +189,7 @@ def test_torch_baseline_counts_the_same_flops():
       8, 4, 32, 8, 8)
   r = torch_baseline.run(args)
   assert len(r.step_times_s) == 2 and r.framework.startswith("torch")
+  assert r.pipelined_step_time_s > 0
   assert r.global_batch == 8 and r.clip_shape == (4, 32, 32)
   # One numerator for both frameworks' MFU: the JAX step's convolutions and
   # matrix products (2.06 GFLOP with 3D convolutions, the form the GPU runs;
