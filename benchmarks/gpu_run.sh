@@ -15,10 +15,11 @@
 # and $OUT/1_trace.tar.gz (3 traced steps of stage 1 and their HLO; read them here with
 # `python benchmarks/profile_step.py --read=DIR`; the script prints its table too).
 # Stage 7 (STAGES="1 7 3 2") times one variant of the JAX step that stage 1's HLO
-# points to, traced as well; stage 8 the channel padding of conv_impl=3d_pad8.
-# Stages run in the order 1 7 8 3 2 4 5 6; each gets its own timeout or what is
-# left of DEADLINE (seconds since the start, default 560, inside one 10-minute
-# call), whichever is less, and is skipped with under 30 s left.
+# points to, traced as well; stage 8 the channel padding of conv_impl=3d_pad8;
+# stage 9 BatchNorm and ReLU alone. Stages run in the order 1 7 8 9 3 2 4 5 6;
+# each gets its own timeout or what is left of DEADLINE (seconds since the start,
+# default 560, inside one 10-minute call), whichever is less, and is skipped with
+# under 30 s left.
 # Measured on an H100 SXM (2026-11-27, jax 0.11.2, torch 2.11): one XLA compilation
 # of the ucf101 step took 108 s (cuDNN autotuning) and the JAX step at 16 videos
 # 143 s in all (stage 1 adds a 3-step trace), stage 3 24 s, stage 2 137 s
@@ -156,6 +157,13 @@ if [[ " $STAGES " == *" 8 "* ]]; then
       --min_batch="$BATCH" --max_batch="$BATCH" $LIMIT --steps="$STEPS" \
       --json="$OUT/8_jax_bf16_pad8.json" --trace_dir=/tmp/cvc_trace8
   pack_trace cvc_trace8 "$OUT/8_trace.tar.gz"
+fi
+
+# 9) BatchNorm + ReLU alone against a copy (benchmarks/norm_fusions.py; NORM_EXTRA
+#    adds flags): whether XLA's fusions or the memory set the 31.9 % of the step
+#    they took in session 8's profile.
+if [[ " $STAGES " == *" 9 "* ]]; then
+  stage norm_fusions 120 python3 benchmarks/norm_fusions.py ${NORM_EXTRA:-}
 fi
 
 # 3) and 2) PyTorch at the same batch, halved while it runs out of memory: as the

@@ -127,6 +127,19 @@ def test_padded_convolutions_count_the_model_flops():
   assert benchmark.step_flops(config) == plain
 
 
+def test_norm_fusions_times_every_pass_per_channel_count():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import norm_fusions  # pylint: disable=g-import-not-at-top
+  rows = norm_fusions.run(4096, [16, 23], reps=1)
+  assert [(c, name) for c, name, _, _ in rows] == [
+      (c, name) for c in (16, 23) for name in ("copy", "stats", "forward", "backward")]
+  assert all(t > 0 and rate > 0 for _, _, t, rate in rows)
+  # The forward pass is the encoder's BatchNorm and ReLU.
+  x = jax.random.normal(jax.random.key(0), (64, 16), jnp.bfloat16)
+  y, _ = resnet3d.BatchNorm().init_with_output(jax.random.key(1), x)
+  np.testing.assert_array_equal(norm_fusions._forward(x), jax.nn.relu(y))
+
+
 def test_profile_reads_device_time_per_op_from_a_gpu_trace(tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   import profile_step  # pylint: disable=g-import-not-at-top
