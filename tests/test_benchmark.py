@@ -140,6 +140,20 @@ def test_norm_fusions_times_every_pass_per_channel_count():
   np.testing.assert_array_equal(norm_fusions._forward(x), jax.nn.relu(y))
 
 
+def test_gpu_script_runs_its_stages_on_cpu(tmp_path):
+  # benchmarks/gpu_run.sh's frame (packages, caches, stage timeouts, the summary)
+  # with its quickest stage; RESULTS.md has the dry runs of the others.
+  env = dict(os.environ, OUT=str(tmp_path / "out"), STAGES="9", DEADLINE="120",
+             JAX_CACHE=str(tmp_path / "cache"), NORM_EXTRA="--elements=4096 --reps=1")
+  proc = subprocess.run(["bash", "benchmarks/gpu_run.sh"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "=== norm_fusions: exit 0" in proc.stdout
+  assert proc.stdout.count(" backward ") == 5  # one line per channel count
+  assert (tmp_path / "out" / "log").read_text() == proc.stdout
+  assert (tmp_path / "out" / "jax_cache.tar.gz").exists()
+
+
 def test_profile_reads_device_time_per_op_from_a_gpu_trace(tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   import profile_step  # pylint: disable=g-import-not-at-top
