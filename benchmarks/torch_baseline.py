@@ -253,7 +253,7 @@ class TorchStep:
     """Reads the loss of a queued step, which waits for it, as a training loop
     that logs or checks it does."""
     self.loss = loss
-    float(loss)
+    float(loss.detach())
 
   def wait(self) -> None:
     self._sync()
