@@ -9,13 +9,15 @@ moving 0.9 TB/s on a card whose memory is rated at 4.8 TB/s. This times them
 alone, on bf16 activations [N, C] of `--elements` values (default: layer 1 of
 R(2+1)D-18 at 16 videos, 96 x 16 x 56 x 56 x 144) for several channel counts C:
 
-  copy      y = x + 1: reads x, writes y (2 S, S the bytes of x): the ceiling;
-  stats     `resnet3d._batch_norm`'s batch mean and variance in float32 (S);
-  forward   statistics, normalisation, ReLU, as the encoder runs them (3 S: the
-            statistics read x, the normalisation reads it again and writes y);
-  backward  the input gradient of `forward` for a given dy, the forward pass
-            recomputed inside (6 S: statistics S, the gradient's reductions
-            read x and dy, its elementwise pass reads both and writes dx).
+  copy        y = x + 1: reads x, writes y (2 S, S the bytes of x): the ceiling;
+  stats       `resnet3d._batch_norm`'s batch mean and variance in float32 (S);
+  stats_wide  the same sums over [N / 8, 8 C], then over the 8 (S): whether
+              XLA's column reduction runs faster over more columns;
+  forward     statistics, normalisation, ReLU, as the encoder runs them (3 S:
+              the statistics read x, the normalisation reads it again, writes y);
+  backward    the input gradient of `forward` for a given dy, the forward pass
+              recomputed inside (6 S: statistics S, the gradient's reductions
+              read x and dy, its elementwise pass reads both and writes dx).
 
 Each line gives the median time of `--reps` runs and those bytes over it. A
 row far under the copy's rate is XLA's fusion, not the memory, at fault.
@@ -50,6 +52,16 @@ def _stats(x):
   return mean, var
 
 
+def _stats_wide(x, group: int = 8):
+  """`_stats` with `group` rows side by side: sums over [N / group, group C] first."""
+  n, c = x.shape
+  g = group if n % group == 0 else 1
+  xf = x.astype(jnp.float32).reshape(n // g, g * c)
+  mean = jnp.sum(xf, 0).reshape(g, c).sum(0) / n
+  mean_sq = jnp.sum(jnp.square(xf), 0).reshape(g, c).sum(0) / n
+  return mean, jnp.maximum(0.0, mean_sq - jnp.square(mean))
+
+
 def _forward(x):
   y, _, _ = _batch_norm(x, jnp.ones(x.shape[-1]), jnp.zeros(x.shape[-1]), EPS)
   return jax.nn.relu(y).astype(x.dtype)
@@ -59,6 +71,7 @@ def _forward(x):
 PASSES = {
     "copy": (lambda x, dy: x + 1, 2),
     "stats": (lambda x, dy: _stats(x), 1),
+    "stats_wide": (lambda x, dy: _stats_wide(x), 1),
     "forward": (lambda x, dy: _forward(x), 3),
     "backward": (lambda x, dy: jax.vjp(_forward, x)[1](dy)[0], 6),
 }
@@ -98,10 +111,10 @@ def main(argv):
   device = jax.devices()[0]
   print(f"{device.device_kind}, jax {jax.__version__}, {_ELEMENTS.value:.3g} bf16 "
         f"values per activation, median of {_REPS.value}")
-  print(f"{'C':>5} {'pass':<9} {'ms':>9} {'GB/s':>8}")
+  print(f"{'C':>5} {'pass':<10} {'ms':>9} {'GB/s':>8}")
   for c, name, t, rate in run(_ELEMENTS.value, [int(c) for c in _CHANNELS.value],
                               _REPS.value):
-    print(f"{c:>5} {name:<9} {t * 1e3:9.3f} {rate:8.1f}")
+    print(f"{c:>5} {name:<10} {t * 1e3:9.3f} {rate:8.1f}")
 
 
 if __name__ == "__main__":

@@ -132,12 +132,15 @@ def test_norm_fusions_times_every_pass_per_channel_count():
   import norm_fusions  # pylint: disable=g-import-not-at-top
   rows = norm_fusions.run(4096, [16, 23], reps=1)
   assert [(c, name) for c, name, _, _ in rows] == [
-      (c, name) for c in (16, 23) for name in ("copy", "stats", "forward", "backward")]
+      (c, name) for c in (16, 23)
+      for name in ("copy", "stats", "stats_wide", "forward", "backward")]
   assert all(t > 0 and rate > 0 for _, _, t, rate in rows)
   # The forward pass is the encoder's BatchNorm and ReLU.
   x = jax.random.normal(jax.random.key(0), (64, 16), jnp.bfloat16)
   y, _ = resnet3d.BatchNorm().init_with_output(jax.random.key(1), x)
   np.testing.assert_array_equal(norm_fusions._forward(x), jax.nn.relu(y))
+  for wide, plain in zip(norm_fusions._stats_wide(x), norm_fusions._stats(x)):
+    np.testing.assert_allclose(wide, plain, rtol=1e-5, atol=1e-6)
 
 
 def test_gpu_script_runs_its_stages_on_cpu(tmp_path):
