@@ -44,12 +44,16 @@ _CHANNELS = flags.DEFINE_list("channels", ["64", "128", "144", "230", "256"],
 _REPS = flags.DEFINE_integer("reps", 10, "Timed runs per line (median).")
 
 EPS = 1e-5
-_batch_norm = resnet3d._batch_norm  # pylint: disable=protected-access  (the encoder's own)
+
+
+def _batch_norm(x):
+  """(y, mean, var): the encoder's own training-mode BatchNorm, scale 1, bias 0."""
+  c = x.shape[-1]
+  return resnet3d._batch_norm(x, jnp.ones(c), jnp.zeros(c), EPS)  # pylint: disable=protected-access
 
 
 def _stats(x):
-  _, mean, var = _batch_norm(x, jnp.ones(x.shape[-1]), jnp.zeros(x.shape[-1]), EPS)
-  return mean, var
+  return _batch_norm(x)[1:]
 
 
 def _stats_wide(x, group: int = 8):
@@ -63,8 +67,7 @@ def _stats_wide(x, group: int = 8):
 
 
 def _forward(x):
-  y, _, _ = _batch_norm(x, jnp.ones(x.shape[-1]), jnp.zeros(x.shape[-1]), EPS)
-  return jax.nn.relu(y).astype(x.dtype)
+  return jax.nn.relu(_batch_norm(x)[0]).astype(x.dtype)
 
 
 # name -> (function of (x, dy), the bytes it must move in units of x's bytes)
