@@ -3,11 +3,13 @@ r"""BatchNorm + ReLU as XLA runs them on video-ResNet activations, against a cop
     python benchmarks/norm_fusions.py [--elements=694e6] [--channels=64,128,144,230,256]
 
 The H200 profile of the bf16 train step (benchmarks/RESULTS.md, session 8) had
-XLA's BatchNorm and ReLU fusions at 31.9 % of the device time, the largest of
-them (layer 1's BatchNorm gradient: reads x and dy, writes dx, 4.16 GB in 4.5 ms)
-moving 0.9 TB/s on a card whose memory is rated at 4.8 TB/s. This times them
-alone, on bf16 activations [N, C] of `--elements` values (default: layer 1 of
-R(2+1)D-18 at 16 videos, 96 x 16 x 56 x 56 x 144) for several channel counts C:
+XLA's BatchNorm and ReLU fusions at 31.9 % of the device time. Read per kernel run
+(session 9: identical fusions share one kernel, which that reading had counted as
+one op), the elementwise ones moved their operands and results at 3.5 TB/s and the
+reductions (the batch statistics and the gradient's sums) at 2.3 TB/s, on a card
+whose memory is rated at 4.8 TB/s. This times them alone, on bf16 activations
+[N, C] of `--elements` values (default: layer 1 of R(2+1)D-18 at 16 videos,
+96 x 16 x 56 x 56 x 144) for several channel counts C:
 
   copy        y = x + 1: reads x, writes y (2 S, S the bytes of x): the ceiling;
   stats       `resnet3d._batch_norm`'s batch mean and variance in float32 (S);

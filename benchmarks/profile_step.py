@@ -18,9 +18,11 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import sys
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,6 +39,10 @@ _TOP = flags.DEFINE_integer("top", 25, "Ops to list.")
 _READ = flags.DEFINE_string(
     "read", None, "Read the trace and step.hlo that `fit_batch.py --trace_dir` wrote "
     "to this folder instead of compiling and tracing here.")
+_FLOOR_GBS = flags.DEFINE_float(
+    "floor_gbs", None, "With a GPU trace, also print the step's device time if every "
+    "XLA kernel moved its operands and results at this many GB/s (e.g. 4800, an "
+    "H200's rated memory bandwidth) and cuDNN padded no channels (`step_floor`).")
 _HLO_OUT = flags.DEFINE_string(
     "hlo_out", None, "Also write the optimised HLO here, to read the trace elsewhere.")
 
@@ -54,7 +60,7 @@ def hlo_ops(hlo_text: str) -> dict[str, str]:
       continue
     name, shape, opcode, rest = m.groups()
     desc = [opcode, shape]
-    for key in ("window", "dim_labels", "calls", "custom_call_target"):
+    for key in ("kind", "window", "dim_labels", "calls", "custom_call_target"):
       found = re.search(key + r"=(\{[^}]*\}|\"[^\"]*\"|[\w.\->]+)", rest)
       if found:
         desc.append(f"{key}={found.group(1)}")
@@ -63,6 +69,51 @@ def hlo_ops(hlo_text: str) -> dict[str, str]:
       desc.append("<- " + found.group(1)[-90:])
     ops[name] = " ".join(desc)
   return ops
+
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+          "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+
+
+def _shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape (`bf16[96,16]{1,0}`, or a tuple of them), leaving out
+  u8 arrays: the scratch space a cuDNN call returns beside its result."""
+  total = 0
+  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
+    if dtype in _BYTES and dtype != "u8":
+      total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def op_bytes(hlo_text: str) -> dict[str, int]:
+  """Instruction name -> bytes of its operands and result: what an op that reads
+  each operand once and writes its result once moves (a fusion's broadcast
+  vectors and re-reads aside)."""
+  shapes, operands = {}, {}
+  for line in hlo_text.splitlines():
+    m = _HLO_LINE.match(line)
+    if m:
+      name, shape, _, rest = m.groups()
+      shapes[name] = shape
+      operands[name] = re.findall(r"%([\w.\-]+)", rest.partition(")")[0])
+  return {name: _shape_bytes(shapes[name]) + sum(_shape_bytes(shapes.get(o, ""))
+                                                  for o in args)
+          for name, args in operands.items()}
+
+
+def kernel_sharers(hlo_text: str) -> dict[str, list[str]]:
+  """Op name -> the other ops that run the same compiled kernel.
+
+  XLA compiles identical fusions once (their `deduplicated_name` is the same);
+  inside a command buffer their kernels' trace events all carry one name, so
+  the time `op_times` gives such an op is that of the whole group.
+  """
+  groups = collections.defaultdict(list)
+  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?deduplicated_name="([^"]+)"',
+                       hlo_text, re.M):
+    groups[m.group(2)].append(m.group(1))
+  return {name: [o for o in group if o != name]
+          for group in groups.values() if len(group) > 1 for name in group}
 
 
 def step_part(desc: str) -> str:
@@ -99,13 +150,17 @@ def _kernel_op(event: dict, known) -> str:
 
 
 def op_times(logdir: str, known=frozenset()) -> tuple[collections.Counter,
+                                                      collections.Counter,
                                                       collections.Counter]:
-  """Microseconds per XLA op, and per GPU kernel, in the newest trace under logdir.
+  """Microseconds per XLA op, XLA kernel runs per op, and microseconds per GPU
+  kernel, in the newest trace under logdir.
 
   On CPU an op's events carry its name, and there are no kernels. On GPU the
   kernels are the device time, each counted to its op (`_kernel_op`, `known` the
   HLO's op names) and by its own name: cuDNN's layout transposes and channel
-  padding run as kernels of the convolution they serve.
+  padding run as kernels of the convolution they serve. A run is a kernel
+  event that XLA emitted (named after an op): the group of ops sharing one
+  kernel (`kernel_sharers`) gets all their runs.
   """
   path = sorted(glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"),
                           recursive=True))[-1]
@@ -113,21 +168,40 @@ def op_times(logdir: str, known=frozenset()) -> tuple[collections.Counter,
     events = json.load(f)["traceEvents"]
   complete = [e for e in events if e.get("ph") == "X"]
   on_device = [e for e in complete if "hlo_op" in e.get("args", {})]
-  times, kernels = collections.Counter(), collections.Counter()
+  times, runs, kernels = (collections.Counter(), collections.Counter(),
+                          collections.Counter())
   for e in on_device:
-    times[_kernel_op(e, known)] += e["dur"]
+    op = _kernel_op(e, known)
+    times[op] += e["dur"]
     kernels[e["name"]] += e["dur"]
+    if re.sub(r"_(\d+)$", r".\1", e["name"]) in known or e["name"] in known:
+      runs[op] += 1
   if not on_device:
     for e in complete:
       times[e["name"]] += e["dur"]
-  return times, kernels
+  return times, runs, kernels
 
 
-def print_table(ops: dict[str, str], times: collections.Counter, step_us: float,
-                steps: int, kernels: collections.Counter | None = None,
-                time_kind: str = "wall time") -> None:
-  """The ops of `ops` that took the most of `times`, as shares of `step_us`, after
-  the GPU kernels that took the most (`kernels`), if any."""
+class Hlo(NamedTuple):
+  """What the table reads from the optimised HLO, per op name."""
+  ops: dict[str, str]  # `hlo_ops`
+  nbytes: dict[str, int]  # `op_bytes`
+  sharers: dict[str, list[str]]  # `kernel_sharers`
+
+
+def read_hlo(hlo_text: str) -> Hlo:
+  return Hlo(hlo_ops(hlo_text), op_bytes(hlo_text), kernel_sharers(hlo_text))
+
+
+def print_table(hlo: Hlo, times: collections.Counter, step_us: float, steps: int,
+                runs: collections.Counter | None = None,
+                kernels: collections.Counter | None = None,
+                time_kind: str = "wall time", top: int = 25) -> None:
+  """The ops of `hlo` that took the most of `times`, as shares of `step_us`, after
+  the GPU kernels that took the most (`kernels`), if any. Where XLA kernels ran
+  (`runs`, GPU), each op's runs per step and its operands' and result's bytes
+  over its time per run."""
+  ops = hlo.ops
   per_op = {n: t for n, t in times.items() if n in ops}
   print(f"{steps} traced steps, {step_us / steps / 1e6:.4f} s per step; XLA ops "
         f"account for {sum(per_op.values()) / step_us:.0%} of the {time_kind} (ops on "
@@ -144,8 +218,46 @@ def print_table(ops: dict[str, str], times: collections.Counter, step_us: float,
   for name, t in per_op.items():
     by_part[step_part(ops[name])] += t
   print("By part: " + ", ".join(f"{k} {t / step_us:.1%}" for k, t in by_part.most_common()))
-  for name, t in sorted(per_op.items(), key=lambda kv: -kv[1])[:_TOP.value]:
-    print(f"{t / step_us:6.1%} {t / steps / 1e3:9.1f} ms  {name}: {ops[name]}")
+  moved = {n: hlo.nbytes.get(n, 0) * runs[n] for n in per_op} if runs else {}
+  if any(moved.values()):
+    # A fusion's kind: kLoop elementwise, kInput a reduction, ... (hlo_ops' "kind=").
+    kind = lambda n: (re.findall(r"kind=(\w+)", ops[n]) or ["?"])[0]
+    rates = collections.defaultdict(lambda: [0, 0])
+    for name, nbytes in moved.items():
+      if nbytes:
+        rates[kind(name)][0] += nbytes
+        rates[kind(name)][1] += per_op[name]
+    print("XLA kernels' operands and results over their time: " + ", ".join(
+        f"{k} {b / steps / 1e9:.3g} GB per step at {b / t / 1e3:.0f} GB/s"
+        for k, (b, t) in sorted(rates.items(), key=lambda kv: -kv[1][1])))
+    print("Columns: share, ms per step, runs of the op's XLA kernel per step (ops that "
+          "share a kernel are one row), GB/s of its operands and result per run.")
+  for name, t in sorted(per_op.items(), key=lambda kv: -kv[1])[:top]:
+    row = f"{t / step_us:6.1%} {t / steps / 1e3:9.1f} ms"
+    if moved:
+      row += (f" {runs[name] / steps:4.0f}x {moved[name] / t / 1e3:6.0f} GB/s"
+              if moved[name] else " " * 17)
+    shared = hlo.sharers.get(name)
+    also = f" [one kernel with {', '.join(shared)}]" if shared and moved else ""
+    print(f"{row}  {name}: {ops[name]}{also}")
+
+
+def step_floor(hlo: Hlo, times: collections.Counter, runs: collections.Counter,
+               kernels: collections.Counter, steps: int, gbs: float) -> dict[str, float]:
+  """Milliseconds per step of a GPU trace's parts, and their sum if the XLA
+  kernels moved their bytes (`op_bytes`) at `gbs` and cuDNN's channel padding
+  kernels (`nhwcAddPaddingKernel`, widths not a multiple of 8) took nothing:
+  how far faster fusions and padded widths alone could take the step."""
+  ms = lambda us: us / steps / 1e3
+  ops = [n for n in times if n in hlo.ops]
+  cudnn = ms(sum(times[n] for n in ops if hlo.ops[n].startswith("custom-call")))
+  padding = ms(sum(t for k, t in kernels.items() if "AddPadding" in k))
+  xla = ms(sum(times[n] for n in ops if runs[n]))
+  moved = sum(hlo.nbytes.get(n, 0) * runs[n] for n in ops) / steps
+  rest = ms(sum(times.values())) - cudnn - xla
+  at_rate = moved / (gbs * 1e9) * 1e3
+  return {"cudnn_ms": cudnn, "padding_ms": padding, "xla_ms": xla, "xla_gb": moved / 1e9,
+          "rest_ms": rest, "floor_ms": cudnn - padding + at_rate + rest}
 
 
 def main(argv):
@@ -154,11 +266,17 @@ def main(argv):
   if _READ.value:
     # A trace written elsewhere (`fit_batch.py --trace_dir`: 3 steps and step.hlo).
     with open(os.path.join(_READ.value, "step.hlo")) as f:
-      ops = hlo_ops(f.read())
-    times, kernels = op_times(_READ.value, ops.keys())
+      hlo = read_hlo(f.read())
+    times, runs, kernels = op_times(_READ.value, hlo.ops.keys())
     # No wall time in a read trace: shares of the kernels' (GPU) or ops' (CPU) sum.
-    print_table(ops, times, sum(times.values()), 3, kernels,
-                "device time" if kernels else "ops' summed time")
+    print_table(hlo, times, sum(times.values()), 3, runs, kernels,
+                "device time" if kernels else "ops' summed time", _TOP.value)
+    if _FLOOR_GBS.value and runs:
+      f = step_floor(hlo, times, runs, kernels, 3, _FLOOR_GBS.value)
+      print(f"Floor: cuDNN calls {f['cudnn_ms']:.1f} ms less their channel padding "
+            f"{f['padding_ms']:.1f} ms, XLA kernels' {f['xla_gb']:.1f} GB at "
+            f"{_FLOOR_GBS.value:.0f} GB/s (now {f['xla_ms']:.1f} ms), the rest "
+            f"{f['rest_ms']:.1f} ms: {f['floor_ms']:.1f} ms of device time per step.")
     return
   step = benchmark.TrainStep(FLAGS.config, remat=FLAGS.remat,
                              log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -166,13 +284,13 @@ def main(argv):
   jax.profiler.start_trace(_LOGDIR.value)
   times = benchmark.time_steps(step, steps=FLAGS.steps, warmup=0)
   jax.profiler.stop_trace()
-  hlo = step.compiled.as_text()
+  hlo_text = step.compiled.as_text()
   if _HLO_OUT.value:
     with open(_HLO_OUT.value, "w") as f:
-      f.write(hlo)
-  ops = hlo_ops(hlo)
-  op_us, kernels = op_times(_LOGDIR.value, ops.keys())
-  print_table(ops, op_us, sum(times) * 1e6, len(times), kernels)
+      f.write(hlo_text)
+  hlo = read_hlo(hlo_text)
+  op_us, runs, kernels = op_times(_LOGDIR.value, hlo.ops.keys())
+  print_table(hlo, op_us, sum(times) * 1e6, len(times), runs, kernels, top=_TOP.value)
 
 
 if __name__ == "__main__":

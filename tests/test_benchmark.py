@@ -5,6 +5,7 @@ import functools
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -157,46 +158,77 @@ def test_gpu_script_runs_its_stages_on_cpu(tmp_path):
   assert (tmp_path / "out" / "jax_cache.tar.gz").exists()
 
 
-def test_profile_reads_device_time_per_op_from_a_gpu_trace(tmp_path):
+def test_profile_reads_device_time_per_op_from_a_gpu_trace(tmp_path, capsys):
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   import profile_step  # pylint: disable=g-import-not-at-top
-  # A cuDNN convolution as the optimised HLO of a GPU step writes it.
+  # A cuDNN convolution as the optimised HLO of a GPU step writes it, and two
+  # identical fusions that XLA compiled once (one deduplicated_name).
   hlo = ('  %cudnn-conv.2 = (bf16[96,16,56,56,45]{4,3,2,1,0}, u8[77]{0}) custom-call('
          '%a, %b), window={size=1x7x7 stride=1x2x2}, dim_labels=b012f_o012i->b012f, '
          'custom_call_target="__cudnn$convForward", metadata={op_name="jit(step_fn)/'
          'jvp(CVCModel)/backbone/stem_0/conv_general_dilated"}\n'
-         '  %loop_fusion.1 = bf16[8]{0} fusion(%c), kind=kLoop, calls=%fused_1\n'
-         '  ROOT %input_reduce_fusion = f32[8]{0} fusion(%d), kind=kInput, calls=%f\n')
+         '  %p = bf16[1000,1000]{1,0} parameter(0)\n'
+         '  %loop_fusion.1 = bf16[1000,1000]{1,0} fusion(%p), kind=kLoop, calls=%fused_1, '
+         'metadata={op_name="jit(step_fn)/jvp(CVCModel)/max" '
+         'deduplicated_name="loop_fusion.1"}\n'
+         '  %loop_fusion.2 = bf16[1000,1000]{1,0} fusion(%loop_fusion.1), kind=kLoop, '
+         'calls=%fused_1, metadata={deduplicated_name="loop_fusion.1"}\n'
+         '  ROOT %input_reduce_fusion = f32[1000]{0} fusion(%loop_fusion.2), kind=kInput, '
+         'calls=%f\n')
   ops = profile_step.hlo_ops(hlo)
   assert ops["cudnn-conv.2"].startswith("custom-call (bf16[96,16,56,56,45]")
   assert "dim_labels=b012f_o012i->b012f" in ops["cudnn-conv.2"]
   assert 'custom_call_target="__cudnn$convForward"' in ops["cudnn-conv.2"]
+  assert "kind=kLoop" in ops["loop_fusion.1"]
   assert profile_step.step_part(ops["cudnn-conv.2"]) == "forward"
+  nbytes = profile_step.op_bytes(hlo)
+  assert nbytes["loop_fusion.1"] == 4_000_000  # reads and writes 1000 x 1000 bf16
+  assert nbytes["input_reduce_fusion"] == 2_004_000
+  assert nbytes["cudnn-conv.2"] == 96 * 16 * 56 * 56 * 45 * 2  # not its u8 scratch
+  assert profile_step.kernel_sharers(hlo) == {"loop_fusion.1": ["loop_fusion.2"],
+                                              "loop_fusion.2": ["loop_fusion.1"]}
   trace = tmp_path / "plugins" / "profile" / "run" / "host.trace.json.gz"
   trace.parent.mkdir(parents=True)
   # The event forms of a jax 0.11 trace on an H200: host thunks carry the op's
   # name; kernels name their op in args.hlo_op, or, inside a command buffer,
-  # through their own name ("_" for the ".").
+  # through their own name ("_" for the "."), one name for every op that runs
+  # the kernel (here both loop fusions of one step).
   cuda_graph = {"hlo_op": "command_buffer_7"}
   events = [
       {"ph": "X", "name": "fusion.1", "dur": 900},
       {"ph": "X", "name": "sm90_xmma_fprop", "dur": 30, "args": {"hlo_op": "cudnn-conv.2"}},
       {"ph": "X", "name": "nhwcAddPaddingKernel", "dur": 12,
        "args": {"hlo_op": "cudnn-conv.2"}},
-      {"ph": "X", "name": "loop_fusion_1", "dur": 5, "args": cuda_graph},
+      {"ph": "X", "name": "loop_fusion_1", "dur": 2, "args": cuda_graph},
+      {"ph": "X", "name": "loop_fusion_1", "dur": 2, "args": cuda_graph},
       {"ph": "X", "name": "input_reduce_fusion", "dur": 4, "args": cuda_graph},
       {"ph": "X", "name": "memcpy128", "dur": 1, "args": cuda_graph},
       {"ph": "i", "name": "marker"}]
   with gzip.open(trace, "wt") as f:
     json.dump({"traceEvents": events}, f)
-  times, kernels = profile_step.op_times(str(tmp_path), ops.keys())
-  assert times == {"cudnn-conv.2": 42, "loop_fusion.1": 5, "input_reduce_fusion": 4,
+  times, runs, kernels = profile_step.op_times(str(tmp_path), ops.keys())
+  assert times == {"cudnn-conv.2": 42, "loop_fusion.1": 4, "input_reduce_fusion": 4,
                    "command_buffer_7": 1}
-  assert kernels["nhwcAddPaddingKernel"] == 12 and sum(kernels.values()) == 52
+  assert runs == {"loop_fusion.1": 2, "input_reduce_fusion": 1}  # no cuDNN kernel
+  assert kernels["nhwcAddPaddingKernel"] == 12 and sum(kernels.values()) == 51
+  # Without the padding kernel, the two XLA kernels' 10.004 MB at 1000 GB/s.
+  floor = profile_step.step_floor(profile_step.read_hlo(hlo), times, runs, kernels, 1, 1000)
+  assert floor == pytest.approx({"cudnn_ms": 0.042, "padding_ms": 0.012, "xla_ms": 0.008,
+                                 "xla_gb": 0.010004, "rest_ms": 0.001,
+                                 "floor_ms": 0.030 + 0.010004 + 0.001})
+  profile_step.print_table(profile_step.read_hlo(hlo), times, 51, 1, runs, kernels,
+                           "device time")
+  table = capsys.readouterr().out
+  # 2 runs of 4 MB in 4 us; the reduction 2 MB in 4 us; per kind of fusion too.
+  assert "   2x   2000 GB/s  loop_fusion.1: fusion" in table
+  assert "[one kernel with loop_fusion.2]" in table
+  assert "   1x    501 GB/s  input_reduce_fusion: fusion" in table
+  assert ("kLoop 0.008 GB per step at 2000 GB/s, kInput 0.002 GB per step at 501 GB/s") in table
+  assert re.search(r"\s{17}  cudnn-conv.2: custom-call", table)
   # A CPU trace (no kernels) is summed by event name.
   with gzip.open(trace, "wt") as f:
     json.dump({"traceEvents": events[:1] + events[-1:]}, f)
-  assert profile_step.op_times(str(tmp_path), ops.keys()) == ({"fusion.1": 900}, {})
+  assert profile_step.op_times(str(tmp_path), ops.keys()) == ({"fusion.1": 900}, {}, {})
 
 
 def test_gpu_path_imports_without_tensorflow_clu_grain():
