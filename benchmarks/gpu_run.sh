@@ -87,12 +87,19 @@ python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices()[0].de
 date -u
 
 STAGES=${STAGES:-1 3 2}
+# The card's rated memory bandwidth, for the traces' floor (`profile_step.py
+# --floor_gbs`: the step with every XLA kernel at that rate, no channel padding).
+case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null)" in
+  *H200*) FLOOR_GBS=${FLOOR_GBS:-4800} ;;
+  *"H100 80GB HBM3"*) FLOOR_GBS=${FLOOR_GBS:-3350} ;;  # SXM
+esac
 # A trace folder under /tmp as $2 (tar.gz), its per-op table printed first. The
 # xplane protobuf can outgrow what comes back, so it stays behind when the trace
 # events were also written as JSON.
 pack_trace() {
   [[ -f /tmp/$1/step.hlo ]] || return 0
-  python3 benchmarks/profile_step.py --read="/tmp/$1" --top=40 2>&1 | tail -n 45
+  python3 benchmarks/profile_step.py --read="/tmp/$1" --top=40 \
+      ${FLOOR_GBS:+--floor_gbs=$FLOOR_GBS} 2>&1 | tail -n 48
   local exclude=()
   find "/tmp/$1" -name "*.trace.json.gz" | grep -q . && exclude=(--exclude="*.xplane.pb")
   tar czf "$2" -C /tmp "${exclude[@]}" "$1"
@@ -186,16 +193,21 @@ python3 -c "import torchvision" 2>/dev/null || ENCODER=--encoder=ours
 
 # 4) JAX, bf16, the largest batch XLA's memory analysis says fits, timed. Stages 4
 #    and 5 may take all that is left of DEADLINE: autotuning the batch found (80 on
-#    an H200) outlasted 272 s in session 8, so each wants a call of its own.
+#    an H200) outlasted 272 s in session 8, so each wants a call of its own. Their
+#    autotuning still times every candidate algorithm but skips checking each one's
+#    result against a reference (level 3 of 4; FIT_AUTOTUNE=4 restores it), the
+#    part of autotuning XLA's authors found could multiply its time (XLA_FLAGS
+#    shows in the JSON's notes).
+FIT_XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=${FIT_AUTOTUNE:-3}"
 if [[ " $STAGES " == *" 4 "* ]]; then
-  stage jax_bf16_fit 600 python3 benchmarks/fit_batch.py --config="$CONFIG" \
+  XLA_FLAGS=$FIT_XLA_FLAGS stage jax_bf16_fit 600 python3 benchmarks/fit_batch.py --config="$CONFIG" \
       --config.dtype=bfloat16 $FIT --steps="$STEPS" --json="$OUT/4_jax_bf16_fit.json"
 fi
 
 # 5) The same, rematerialised (config.remat; dots: each block keeps only its
 #    convolution outputs): a larger batch in the same memory.
 if [[ " $STAGES " == *" 5 "* ]]; then
-  stage jax_bf16_remat 600 python3 benchmarks/fit_batch.py --config="$CONFIG" \
+  XLA_FLAGS=$FIT_XLA_FLAGS stage jax_bf16_remat 600 python3 benchmarks/fit_batch.py --config="$CONFIG" \
       --config.dtype=bfloat16 --remat="$REMAT" $FIT --steps="$STEPS" \
       --json="$OUT/5_jax_bf16_remat.json"
 fi
