@@ -200,15 +200,16 @@ python3 -c "import torchvision" 2>/dev/null || ENCODER=--encoder=ours
 #    shows in the JSON's notes).
 FIT_XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=${FIT_AUTOTUNE:-3}"
 if [[ " $STAGES " == *" 4 "* ]]; then
-  XLA_FLAGS=$FIT_XLA_FLAGS stage jax_bf16_fit 600 python3 benchmarks/fit_batch.py --config="$CONFIG" \
-      --config.dtype=bfloat16 $FIT --steps="$STEPS" --json="$OUT/4_jax_bf16_fit.json"
+  XLA_FLAGS=$FIT_XLA_FLAGS stage jax_bf16_fit 600 python3 benchmarks/fit_batch.py \
+      --config="$CONFIG" --config.dtype=bfloat16 $FIT --steps="$STEPS" \
+      --json="$OUT/4_jax_bf16_fit.json"
 fi
 
 # 5) The same, rematerialised (config.remat; dots: each block keeps only its
 #    convolution outputs): a larger batch in the same memory.
 if [[ " $STAGES " == *" 5 "* ]]; then
-  XLA_FLAGS=$FIT_XLA_FLAGS stage jax_bf16_remat 600 python3 benchmarks/fit_batch.py --config="$CONFIG" \
-      --config.dtype=bfloat16 --remat="$REMAT" $FIT --steps="$STEPS" \
+  XLA_FLAGS=$FIT_XLA_FLAGS stage jax_bf16_remat 600 python3 benchmarks/fit_batch.py \
+      --config="$CONFIG" --config.dtype=bfloat16 --remat="$REMAT" $FIT --steps="$STEPS" \
       --json="$OUT/5_jax_bf16_remat.json"
 fi
 
