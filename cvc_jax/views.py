@@ -279,7 +279,33 @@ def _color_jitter(x, u, order, strengths):
 
 
 def _gaussian_blur(x, sigma, kernel_size):
-  """Blurs frames [T, S, S, 3] with reflect padding (torchvision's) via dm-pix."""
-  r = kernel_size // 2
-  x = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
-  return pix.gaussian_blur(x, sigma, kernel_size, padding="VALID")
+  """Blurs frames [T, H, W, 3] with reflect padding (torchvision's).
+
+  dm-pix's separable kernel, as two dense matrices like `_crop_resize`'s: the
+  depthwise float32 convolutions of `pix.gaussian_blur` took 2.7 ms of an H200
+  step of configs/ucf101.py (benchmarks/RESULTS.md, session 8's profile) and
+  0.22 s of the views of a 2-video batch on a 2-core CPU.
+  """
+  rows = _blur_matrix(sigma, kernel_size, x.shape[-3])
+  cols = _blur_matrix(sigma, kernel_size, x.shape[-2])
+  return jnp.einsum("yh,thwc,xw->tyxc", rows, x, cols, precision=_PRECISION)
+
+
+def _blur_matrix(sigma, kernel_size, size):
+  """[size, size] weights of a 1D Gaussian blur over `size` pixels.
+
+  The taps of `pix.gaussian_blur` (exp(-k^2 / 2 sigma^2) for k in -r..r, r =
+  kernel_size // 2, normalised), each landing on the pixel numpy's "reflect"
+  padding would have put there: -k for k < 0, 2 (size - 1) - k past the end.
+  """
+  r = int(kernel_size) // 2
+  if r >= size:
+    raise ValueError(f"A blur of radius {r} cannot reflect at the edges of {size} "
+                     "pixels: lower config.input.blur or raise the crop size.")
+  taps = jnp.arange(-r, r + 1)
+  weights = jnp.exp(-jnp.square(taps.astype(jnp.float32)) / (2.0 * sigma**2))
+  weights = weights / weights.sum()
+  source = jnp.abs(jnp.arange(size)[:, None] + taps[None, :])  # [size, taps]
+  source = jnp.where(source > size - 1, 2 * (size - 1) - source, source)
+  return jnp.einsum("ok,oki->oi", jnp.broadcast_to(weights, source.shape),
+                    jax.nn.one_hot(source, size, dtype=jnp.float32))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from configs import reference
+from configs import ucf101
 from cvc_jax import benchmark
 from cvc_jax import models
 from cvc_jax import pretrain
@@ -231,13 +232,22 @@ def test_profile_reads_device_time_per_op_from_a_gpu_trace(tmp_path, capsys):
   assert profile_step.op_times(str(tmp_path), ops.keys()) == ({"fusion.1": 900}, {}, {})
 
 
+def test_time_views_builds_the_views_of_a_config_per_call():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import time_views  # pylint: disable=g-import-not-at-top
+  config = ucf101.get_config("runlocal")
+  assert config.input.blur  # the path the blur's rewrite changed
+  times = time_views.time_views(config, batch=1, reps=2)
+  assert len(times) == 2 and all(t > 0 for t in times)
+
+
 def test_gpu_path_imports_without_tensorflow_clu_grain():
   proc = subprocess.run([sys.executable, "-c", (
       f"import sys\nfor m in {BLOCKED!r}: sys.modules[m] = None\n"
       "import cvc_jax.benchmark, cvc_jax.pretrain, cvc_jax.views, cvc_jax.losses\n"
       "import cvc_jax.models.cvc, cvc_jax.models.heads, cvc_jax.models.resnet3d\n"
       "sys.path.insert(0, 'benchmarks')\n"
-      "import fit_batch, summarize\n"
+      "import fit_batch, summarize, time_views\n"
       "print('ok')")], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 

@@ -2,8 +2,11 @@
 
 import functools
 
+import dm_pix as pix
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import ucf101
@@ -283,3 +286,23 @@ def test_eval_views():
   full = np.asarray(views.eval_views(frames[:1], config))
   np.testing.assert_allclose(full, np.asarray(views.eval_views(frames[:1], config)))
   assert np.isfinite(full).all()
+
+
+def test_blur_is_dm_pix_gaussian_blur_with_reflect_padding():
+  blur = views._gaussian_blur  # pylint: disable=protected-access
+  # What views.py ran before the blur became two matrices: torchvision's reflect
+  # padding, then dm-pix's depthwise convolutions.
+  def reference(x, sigma, kernel_size):
+    r = kernel_size // 2
+    x = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
+    return pix.gaussian_blur(x, sigma, kernel_size, padding="VALID")
+
+  x = RNG.random((2, 12, 9, 3), np.float32)  # H != W: each axis its own matrix
+  for sigma, kernel_size in ((0.1, 3), (0.7, 3), (1.3, 5), (2.0, 11), (5.0, 17)):
+    np.testing.assert_allclose(blur(x, sigma, kernel_size), reference(x, sigma, kernel_size),
+                               atol=1e-6)
+  # Constant frames stay constant (the weights sum to 1 on every pixel, edges too).
+  grey = np.full((1, 8, 8, 3), 0.3, np.float32)
+  np.testing.assert_allclose(blur(grey, 1.5, 7), grey, atol=1e-6)
+  with pytest.raises(ValueError, match="radius 9 cannot reflect at the edges of 9"):
+    blur(x, 2.0, 19)
