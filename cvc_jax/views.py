@@ -295,13 +295,14 @@ def _blur_matrix(sigma, kernel_size, size):
   """[size, size] weights of a 1D Gaussian blur over `size` pixels.
 
   The taps of `pix.gaussian_blur` (exp(-k^2 / 2 sigma^2) for k in -r..r, r =
-  kernel_size // 2, normalised), each landing on the pixel numpy's "reflect"
-  padding would have put there: -k for k < 0, 2 (size - 1) - k past the end.
+  kernel_size // 2, normalised); output pixel o takes tap k from pixel o + k
+  reflected at the edges as numpy's "reflect" padding does: -(o + k) below 0,
+  2 (size - 1) - (o + k) past the end.
   """
   r = int(kernel_size) // 2
-  if r >= size:
+  if r >= size:  # one reflection no longer lands inside the frame
     raise ValueError(f"A blur of radius {r} cannot reflect at the edges of {size} "
-                     "pixels: lower config.input.blur or raise the crop size.")
+                     f"pixels: the kernel ({kernel_size}) must be under {2 * size}.")
   taps = jnp.arange(-r, r + 1)
   weights = jnp.exp(-jnp.square(taps.astype(jnp.float32)) / (2.0 * sigma**2))
   weights = weights / weights.sum()
