@@ -429,7 +429,9 @@ def test_remat_keeps_loss_and_gradients():
     views = jax.random.normal(jax.random.key(1), (2, 6, 4, 32, 32, 3), jnp.float64)
     queue = jnp.tanh(jax.random.normal(jax.random.key(2),
                                        (config.loss.queue_size, 6, 16), jnp.float64))
-    variables = cvc.build_model(config).init(jax.random.key(0), views, train=False)
+    # Compiled: run op by op, the float64 initialisation took 20 s of this test.
+    variables = models.jit_init(functools.partial(cvc.build_model(config).init,
+                                                  train=False))(jax.random.key(0), views)
     results = {}
     for remat in resnet3d.REMAT_POLICIES:
       with config.unlocked():
