@@ -140,13 +140,18 @@ def _kernel_op(event: dict, known) -> str:
   (`loop_convert_fusion_3` ran `loop_convert_fusion.3`). `known` holds the HLO's
   op names; a kernel matching none stays with its buffer.
   """
-  op, kernel = event["args"]["hlo_op"], event["name"]
+  op = event["args"]["hlo_op"]
   if op in known and not op.startswith("command_buffer"):
     return op
+  return _named_op(event["name"], known) or op
+
+
+def _named_op(kernel: str, known) -> str | None:
+  """The op of `known` that a kernel is named after (XLA emitted it), if any."""
   for name in (kernel, re.sub(r"_(\d+)$", r".\1", kernel)):
     if name in known:
       return name
-  return op
+  return None
 
 
 def op_times(logdir: str, known=frozenset()) -> tuple[collections.Counter,
@@ -174,7 +179,7 @@ def op_times(logdir: str, known=frozenset()) -> tuple[collections.Counter,
     op = _kernel_op(e, known)
     times[op] += e["dur"]
     kernels[e["name"]] += e["dur"]
-    if re.sub(r"_(\d+)$", r".\1", e["name"]) in known or e["name"] in known:
+    if _named_op(e["name"], known):
       runs[op] += 1
   if not on_device:
     for e in complete:
@@ -193,6 +198,11 @@ def read_hlo(hlo_text: str) -> Hlo:
   return Hlo(hlo_ops(hlo_text), op_bytes(hlo_text), kernel_sharers(hlo_text))
 
 
+def _on_gpu(kernels, ops) -> bool:
+  """Whether a trace's device events are GPU kernels, not CPU thunks named as ops."""
+  return bool(kernels) and bool(set(kernels) - set(ops))
+
+
 def print_table(hlo: Hlo, times: collections.Counter, step_us: float, steps: int,
                 runs: collections.Counter | None = None,
                 kernels: collections.Counter | None = None,
@@ -206,7 +216,7 @@ def print_table(hlo: Hlo, times: collections.Counter, step_us: float, steps: int
   print(f"{steps} traced steps, {step_us / steps / 1e6:.4f} s per step; XLA ops "
         f"account for {sum(per_op.values()) / step_us:.0%} of the {time_kind} (ops on "
         "several threads can add up to more than 100%).")
-  if kernels and set(kernels) - set(ops):  # GPU kernels, not CPU thunks named as ops
+  if _on_gpu(kernels, ops):
     print("Kernels: " + "; ".join(f"{k[:70]} {t / step_us:.1%}"
                                   for k, t in kernels.most_common(6)))
   by_kind = collections.Counter()
@@ -260,6 +270,17 @@ def step_floor(hlo: Hlo, times: collections.Counter, runs: collections.Counter,
           "rest_ms": rest, "floor_ms": cudnn - padding + at_rate + rest}
 
 
+def _print_floor(hlo, times, runs, kernels, steps) -> None:
+  """`step_floor` at --floor_gbs, where it is set and the trace is a GPU's."""
+  if not (_FLOOR_GBS.value and _on_gpu(kernels, hlo.ops)):
+    return
+  f = step_floor(hlo, times, runs, kernels, steps, _FLOOR_GBS.value)
+  print(f"Floor: cuDNN calls {f['cudnn_ms']:.1f} ms less their channel padding "
+        f"{f['padding_ms']:.1f} ms, XLA kernels' {f['xla_gb']:.1f} GB at "
+        f"{_FLOOR_GBS.value:.0f} GB/s (now {f['xla_ms']:.1f} ms), the rest "
+        f"{f['rest_ms']:.1f} ms: {f['floor_ms']:.1f} ms of device time per step.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -271,12 +292,7 @@ def main(argv):
     # No wall time in a read trace: shares of the kernels' (GPU) or ops' (CPU) sum.
     print_table(hlo, times, sum(times.values()), 3, runs, kernels,
                 "device time" if kernels else "ops' summed time", _TOP.value)
-    if _FLOOR_GBS.value and runs:
-      f = step_floor(hlo, times, runs, kernels, 3, _FLOOR_GBS.value)
-      print(f"Floor: cuDNN calls {f['cudnn_ms']:.1f} ms less their channel padding "
-            f"{f['padding_ms']:.1f} ms, XLA kernels' {f['xla_gb']:.1f} GB at "
-            f"{_FLOOR_GBS.value:.0f} GB/s (now {f['xla_ms']:.1f} ms), the rest "
-            f"{f['rest_ms']:.1f} ms: {f['floor_ms']:.1f} ms of device time per step.")
+    _print_floor(hlo, times, runs, kernels, 3)
     return
   step = benchmark.TrainStep(FLAGS.config, remat=FLAGS.remat,
                              log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -291,6 +307,7 @@ def main(argv):
   hlo = read_hlo(hlo_text)
   op_us, runs, kernels = op_times(_LOGDIR.value, hlo.ops.keys())
   print_table(hlo, op_us, sum(times) * 1e6, len(times), runs, kernels, top=_TOP.value)
+  _print_floor(hlo, op_us, runs, kernels, len(times))
 
 
 if __name__ == "__main__":

@@ -308,5 +308,4 @@ def _blur_matrix(sigma, kernel_size, size):
   weights = weights / weights.sum()
   source = jnp.abs(jnp.arange(size)[:, None] + taps[None, :])  # [size, taps]
   source = jnp.where(source > size - 1, 2 * (size - 1) - source, source)
-  return jnp.einsum("ok,oki->oi", jnp.broadcast_to(weights, source.shape),
-                    jax.nn.one_hot(source, size, dtype=jnp.float32))
+  return jnp.einsum("k,oki->oi", weights, jax.nn.one_hot(source, size, dtype=jnp.float32))
