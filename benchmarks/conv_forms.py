@@ -12,12 +12,17 @@ the gradient for the input and the gradient for the kernel (the two halves of
 the backward pass, which XLA lowers to different convolutions; the first
 convolution's input is the views, which need none, so it has none). --whole also
 times the whole encoder's forward + backward (BatchNorm in training mode) with
-each `conv_impl`. This is the measurement behind `conv_impl='auto'`. --torch adds
+each `conv_impl`. This is the measurement behind `conv_impl='auto'`. --stem times
+only the first convolution, forward and kernel gradient, in every `conv_impl` and
+`stem_impl` (`resnet3d.STEM_IMPLS`), with the rate of the model's FLOPs (those of
+the 7x7 kernel, not the space-to-depth form's zero taps). --torch adds
 the same three passes of PyTorch's `nn.Conv3d` on the same input (float32,
 NCDHW, this process's threads), the convolutions of the authors' step, and the
 ratio of the faster JAX form to it.
 """
 
+import functools
+import math
 import os
 import statistics
 import sys
@@ -32,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from cvc_jax import models
 from cvc_jax.models import resnet3d
 
 FLAGS = flags.FLAGS
@@ -40,6 +46,8 @@ config_flags.DEFINE_config_file("config", None, "Config file (FILE[:variants])."
 _REPS = flags.DEFINE_integer("reps", 3, "Timed runs per pass (median).")
 _WHOLE = flags.DEFINE_bool("whole", False, "Also time the whole encoder per form.")
 _TORCH = flags.DEFINE_bool("torch", False, "Also time PyTorch's Conv3d per convolution.")
+_STEM = flags.DEFINE_bool("stem", False,
+                          "Time only the first convolution, in every conv_impl and stem_impl.")
 
 
 def _median_time(fn, *args, reps: int, sync=jax.block_until_ready) -> float:
@@ -70,21 +78,21 @@ def list_convs(encoder: nn.Module, x) -> list[tuple[str, tuple, tuple, tuple]]:
   return convs
 
 
-def time_conv(kernel, strides, in_shape, features, impl, dtype, reps, *, input_grad=True):
-  """(forward, input-gradient, kernel-gradient) seconds of one convolution; the
-  input gradient is 0.0 if not `input_grad`."""
-  if impl == "2d1d":
-    conv = resnet3d.FactorisedConv(features, kernel, strides, dtype)
-  else:
-    conv = nn.Conv(features, kernel, strides=strides, use_bias=False, dtype=dtype,
-                   padding=[(k // 2, k // 2) for k in kernel])
+def time_conv(kernel, strides, in_shape, features, impl, dtype, reps, *, input_grad=True,
+              stem_impl="conv"):
+  """(forward, input-gradient, kernel-gradient) seconds of one convolution in the
+  form `impl` (`resnet3d.CONV_IMPLS`) and, for a stem, `stem_impl`; the input
+  gradient is 0.0 if not `input_grad`."""
+  conv = resnet3d.stem_conv(features, kernel, strides, None, dtype, impl, stem_impl)
   x = jax.random.normal(jax.random.key(1), in_shape, dtype)
   params = conv.init(jax.random.key(0), x)
   out = jax.eval_shape(conv.apply, params, x)
   dy = jnp.ones(out.shape, out.dtype)
-  forward = jax.jit(conv.apply)
-  dx = jax.jit(lambda p, x: jax.vjp(lambda x: conv.apply(p, x), x)[1](dy))
-  dw = jax.jit(lambda p, x: jax.vjp(lambda p: conv.apply(p, x), p)[1](dy))
+  # As the train step compiles them (channels-last for bf16 on NVIDIA cards).
+  jit = functools.partial(jax.jit, compiler_options=models.conv_compiler_options(dtype))
+  forward = jit(conv.apply)
+  dx = jit(lambda p, x: jax.vjp(lambda x: conv.apply(p, x), x)[1](dy))
+  dw = jit(lambda p, x: jax.vjp(lambda p: conv.apply(p, x), p)[1](dy))
   return tuple(_median_time(f, params, x, reps=reps) if f is not dx or input_grad else 0.0
                for f in (forward, dx, dw))
 
@@ -131,6 +139,24 @@ def time_encoder(cfg, x, dtype, reps) -> float:
   return _median_time(grads, variables["params"], x, reps=reps)
 
 
+def time_stem(conv, features, dtype):
+  """Prints the first convolution's forward and kernel-gradient times in each form."""
+  name, kernel, strides, in_shape = conv
+  module = resnet3d.stem_conv(features, kernel, strides, None, dtype, "3d", "conv")
+  out, _ = jax.eval_shape(module.init_with_output, jax.random.key(0),
+                          jax.ShapeDtypeStruct(in_shape, dtype))
+  flops = 2.0 * math.prod(out.shape) * math.prod(kernel) * in_shape[-1]
+  print(f"{name}: {'x'.join(map(str, kernel))} stride {'x'.join(map(str, strides))}, "
+        f"{in_shape} -> {out.shape}, {flops / 1e9:.1f} GFLOP per pass (7x7 taps)")
+  for impl in resnet3d.CONV_IMPLS[:-1]:  # not 'auto'
+    for stem in resnet3d.STEM_IMPLS:
+      fwd, _, dw = time_conv(kernel, strides, in_shape, features, impl, dtype, _REPS.value,
+                             input_grad=False, stem_impl=stem)
+      print(f"  conv_impl={impl:<8} stem_impl={stem:<15} forward {fwd * 1e3:9.2f} ms "
+            f"({flops / fwd / 1e9:8.1f} GFLOP/s)  kernel gradient {dw * 1e3:9.2f} ms "
+            f"({flops / dw / 1e9:8.1f} GFLOP/s)", flush=True)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -143,20 +169,26 @@ def main(argv):
   print(f"{jax.devices()[0].device_kind}, {c.dtype}, encoder {cfg}, input {x.shape}; "
         f"seconds, median of {_REPS.value}")
   convs = list_convs(resnet3d.build_encoder(dict(cfg, conv_impl="3d"), dtype=dtype), x)
+  params = jax.eval_shape(
+      lambda v: resnet3d.build_encoder(cfg).init(jax.random.key(0), v, train=False),
+      x)["params"]
+
+  def features(name):  # output channels of the convolution at that path
+    node = params
+    for part in name.split("/"):
+      node = node[part]
+    return node["kernel"].shape[-1]
+
+  if _STEM.value:
+    time_stem(convs[0], features(convs[0][0]), dtype)
+    return
   impls = ("3d", "2d1d") + (("torch",) if _TORCH.value else ())
   total = {impl: [0.0] * 3 for impl in impls}
   print(f"{'convolution':<28} {'kernel':<9} {'stride':<9} {'input':<22} "
         f"{'3d fwd/dx/dw':<24} {'2d1d fwd/dx/dw':<24} 3d/2d1d" +
         (f" {'torch fwd/dx/dw':<24} jax/torch" if _TORCH.value else ""))
-  params = jax.eval_shape(
-      lambda v: resnet3d.build_encoder(cfg).init(jax.random.key(0), v, train=False),
-      x)["params"]
   fmt = lambda t: "/".join(f"{v:.3f}" for v in t)
   for name, kernel, strides, in_shape in convs:
-    node = params
-    for part in name.split("/"):
-      node = node[part]
-    features = node["kernel"].shape[-1]
     # The first convolution reads the views, which need no gradient.
     input_grad = name != convs[0][0]
     times = {}
@@ -164,10 +196,10 @@ def main(argv):
       if impl == "2d1d" and not (kernel[0] == 1 or kernel[1] == kernel[2] == 1):
         times[impl] = times["3d"]  # stays 3D in that form
       elif impl == "torch":
-        times[impl] = time_torch_conv(kernel, strides, in_shape, features, _REPS.value,
+        times[impl] = time_torch_conv(kernel, strides, in_shape, features(name), _REPS.value,
                                       input_grad=input_grad)
       else:
-        times[impl] = time_conv(kernel, strides, in_shape, features, impl, dtype,
+        times[impl] = time_conv(kernel, strides, in_shape, features(name), impl, dtype,
                                 _REPS.value, input_grad=input_grad)
       total[impl] = [a + b for a, b in zip(total[impl], times[impl])]
     line = (f"{name:<28} {'x'.join(map(str, kernel)):<9} {'x'.join(map(str, strides)):<9} "

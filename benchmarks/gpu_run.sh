@@ -16,7 +16,9 @@
 # `python benchmarks/profile_step.py --read=DIR`; the script prints its table too).
 # Stage 7 (STAGES="1 7 3 2") times one variant of the JAX step that stage 1's HLO
 # points to, traced as well; stage 8 the channel padding of conv_impl=3d_pad8;
-# stage 9 BatchNorm and ReLU alone. Stages run in the order 1 7 8 9 3 2 4 5 6;
+# stage 9 BatchNorm and ReLU alone; stage 10 the stem's first convolution alone in
+# every form and the step with its space-to-depth form (stem_impl). Stages run in
+# the order 1 7 8 9 10 3 2 4 5 6;
 # each gets its own timeout or what is left of DEADLINE (seconds since the start,
 # default 560, inside one 10-minute call), whichever is less, and is skipped with
 # under 30 s left.
@@ -173,6 +175,21 @@ if [[ " $STAGES " == *" 9 "* ]]; then
   stage norm_fusions 120 python3 benchmarks/norm_fusions.py ${NORM_EXTRA:-}
 fi
 
+# 10) The stem's first convolution (7x7 over RGB, session 8's profile: about 18
+#     TFLOP/s, 7.0 ms of the H200 step) alone, forward and kernel gradient, in
+#     every conv_impl and stem_impl (conv_forms.py --stem); then the JAX step at
+#     BATCH with it in space-to-depth form (stem_impl=space_to_depth), traced.
+if [[ " $STAGES " == *" 10 "* ]]; then
+  stage stem_forms 150 python3 benchmarks/conv_forms.py --config="$CONFIG" \
+      --config.dtype=bfloat16 --config.batch_size="$BATCH" --stem --reps=20
+  stage "jax_bf16 stem_impl=space_to_depth" 200 python3 benchmarks/fit_batch.py \
+      --config="$CONFIG" --config.dtype=bfloat16 \
+      --config.model.encoder.stem_impl=space_to_depth --min_batch="$BATCH" \
+      --max_batch="$BATCH" $LIMIT --steps="$STEPS" --json="$OUT/10_jax_bf16_s2d.json" \
+      --trace_dir=/tmp/cvc_trace10
+  pack_trace cvc_trace10 "$OUT/10_trace.tar.gz"
+fi
+
 # 3) and 2) PyTorch at the same batch, halved while it runs out of memory: as the
 #    authors ran it first (it costs no compilation), then tuned.
 torch_run() {  # torch_run NAME TIMEOUT_S FLAGS...
@@ -222,6 +239,6 @@ if [[ " $STAGES " == *" 6 "* ]]; then
 fi
 
 tar czf "$OUT/jax_cache.tar.gz" -C "$JAX_COMPILATION_CACHE_DIR" . 2>/dev/null
-if ls "$OUT"/[0-9]_*.json >/dev/null 2>&1; then  # stage 9 alone writes none
-  python3 benchmarks/summarize.py "$OUT"/[0-9]_*.json | tee "$OUT/summary.md"
+if ls "$OUT"/[0-9]*_*.json >/dev/null 2>&1; then  # stage 9 alone writes none
+  python3 benchmarks/summarize.py "$OUT"/[0-9]*_*.json | tee "$OUT/summary.md"
 fi

@@ -260,12 +260,19 @@ def _step_fn(config, steps_per_epoch):
 
 def _unpadded(config):
   """`config`, or a copy whose '3d_pad8' convolutions are the '3d' ones they
-  compute: the padding's zeros are not the model's work, so MFU leaves them out."""
-  if config.model.encoder.get("conv_impl") != "3d_pad8":
+  compute and whose space-to-depth stem is the convolution it computes: the
+  zeros that padding and the 8x8 taps add are not the model's work, so MFU
+  leaves them out."""
+  pad8 = config.model.encoder.get("conv_impl") == "3d_pad8"
+  s2d = config.model.encoder.get("stem_impl", "conv") != "conv"
+  if not (pad8 or s2d):
     return config
   config = config.copy_and_resolve_references()
   with config.unlocked():
-    config.model.encoder.conv_impl = "3d"
+    if pad8:
+      config.model.encoder.conv_impl = "3d"
+    if s2d:
+      config.model.encoder.stem_impl = "conv"
   return config
 
 
@@ -374,8 +381,10 @@ class TrainStep:
   def result(self, times: list[float]) -> Result:
     memory, memory_source = _memory(self.devices[0])
     kind, c = self.devices[0].device_kind, self.config
+    encoder = c.model.encoder
     notes = (f"views+fwd+bwd+Adam, frames on device, conv_impl="
-             f"{resnet3d.resolve_conv_impl(c.model.encoder.get('conv_impl', 'auto'))}, "
+             f"{resnet3d.resolve_conv_impl(encoder.get('conv_impl', 'auto'))}, "
+             f"stem_impl={encoder.get('stem_impl', 'conv')}, "
              f"remat={c.get('remat', 'none')}, host memory "
              f"{'kept' if cvc_jax.HOST_MEMORY_KEPT else 'glibc default'}")
     if self.compiler_options:

@@ -127,6 +127,10 @@ def test_padded_convolutions_count_the_model_flops():
   plain = benchmark.step_flops(config)
   config.model.encoder.conv_impl = "3d_pad8"  # the zeros it adds are not counted
   assert benchmark.step_flops(config) == plain
+  config.model.encoder.stem_impl = "space_to_depth"  # nor the 8x8 stem's zero taps
+  assert benchmark.step_flops(config) == plain
+  config.model.encoder.conv_impl = "3d"
+  assert benchmark.step_flops(config) == plain
 
 
 def test_norm_fusions_times_every_pass_per_channel_count():
@@ -239,6 +243,22 @@ def test_time_views_builds_the_views_of_a_config_per_call():
   assert config.input.blur  # the path the blur's rewrite changed
   times = time_views.time_views(config, batch=1, reps=2)
   assert len(times) == 2 and all(t > 0 for t in times)
+
+
+def test_conv_forms_times_the_stem_in_every_form():
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/conv_forms.py", "--config=configs/reference.py:runlocal",
+       "--config.batch_size=1", "--stem", "--reps=1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = re.findall(r"conv_impl=(\S+) +stem_impl=(\S+) +forward +([\d.]+) ms .*"
+                    r"kernel gradient +([\d.]+) ms", proc.stdout)
+  assert [(impl, stem) for impl, stem, _, _ in rows] == [
+      (impl, stem) for impl in ("3d", "3d_pad8", "2d1d")
+      for stem in ("conv", "space_to_depth")], proc.stdout
+  assert all(float(fwd) > 0 and float(dw) > 0 for _, _, fwd, dw in rows)
+  # runlocal: 6 clips of 4x32x32 frames, width 8 (R(2+1)D's stem: 45 * 8 // 64 = 5).
+  assert "(6, 4, 32, 32, 3) -> (6, 4, 16, 16, 5)" in proc.stdout
 
 
 def test_gpu_path_imports_without_tensorflow_clu_grain():
@@ -365,8 +385,10 @@ def test_conv_impls_give_one_encoder(encoder):
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(1), (2, 4, 16, 16, 3), jnp.float64)
     results = []
-    for impl in ("3d", "2d1d", "3d_pad8"):
-      module = resnet3d.build_encoder(dict(encoder, conv_impl=impl), dtype=jnp.float64)
+    for impl, stem in [("3d", "conv"), ("2d1d", "conv"), ("3d_pad8", "conv"),
+                       ("2d1d", "space_to_depth"), ("3d_pad8", "space_to_depth")]:
+      module = resnet3d.build_encoder(dict(encoder, conv_impl=impl, stem_impl=stem),
+                                      dtype=jnp.float64)
       variables = jax.jit(functools.partial(module.init, train=False))(
           jax.random.key(0), x)
 
@@ -391,6 +413,51 @@ def test_conv_impls_give_one_encoder(encoder):
     jax.tree.map(np.testing.assert_array_equal, vars3d, variables)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  rest3d, rest)
+
+
+@pytest.mark.parametrize("shape,kernel,strides", [
+    ((2, 4, 16, 16, 3), (1, 7, 7), (1, 2, 2)),  # R(2+1)D's stem
+    ((1, 5, 17, 13, 3), (3, 7, 7), (2, 2, 2)),  # odd sizes, time strided, R3D / Hara
+    ((1, 3, 9, 10, 2), (1, 4, 6), (1, 2, 2))])  # even kernels
+@pytest.mark.parametrize("impl", ["3d", "2d1d", "3d_pad8"])
+def test_space_to_depth_convolution_is_the_strided_one(shape, kernel, strides, impl):
+  x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
+  conv = resnet3d._conv(5, kernel, strides, "stem", jnp.float32, "3d")
+  params = jax.jit(conv.init)(jax.random.key(1), x)
+  s2d = resnet3d.SpaceToDepthConv(5, kernel, strides, impl, jnp.float32)
+  assert jax.tree.map(jnp.shape, s2d.init(jax.random.key(1), x)) == jax.tree.map(
+      jnp.shape, params)
+
+  def out_and_grad(module):
+    loss = lambda p: jnp.sum(jnp.sin(module.apply(p, x)))
+    return jax.jit(lambda p: (module.apply(p, x), jax.grad(loss)(p)))(params)
+
+  (y, dk), (y_s2d, dk_s2d) = out_and_grad(conv), out_and_grad(s2d)
+  assert y.shape == y_s2d.shape
+  np.testing.assert_allclose(y_s2d, y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dk_s2d["params"]["kernel"], dk["params"]["kernel"],
+                             rtol=1e-4, atol=1e-4)
+  # What the backend runs: 4x the channels, no spatial stride.
+
+  def convs(jaxpr):
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    return [c for e in jaxpr.eqns for c in (
+        [e] if e.primitive.name == "conv_general_dilated" else
+        [c for v in e.params.values() for j in benchmark._sub_jaxprs(v) for c in convs(j)])]
+
+  (conv_eqn,) = convs(jax.make_jaxpr(s2d.apply)(params, x))
+  assert conv_eqn.invars[0].aval.shape[-1] >= 4 * shape[-1]
+  assert tuple(conv_eqn.params["window_strides"])[-2:] == (1, 1)
+
+
+def test_space_to_depth_refuses_other_strides_and_names():
+  x = jnp.zeros((1, 2, 8, 8, 3))
+  with pytest.raises(ValueError, match="stride 2.*stem_impl='conv'"):
+    resnet3d.SpaceToDepthConv(4, (1, 3, 3), (1, 1, 1)).init(jax.random.key(0), x)
+  encoder = resnet3d.build_encoder(
+      dict(arch="r2plus1d", blocks=(1, 1, 1, 1), width=4, stem_impl="s2d"))
+  with pytest.raises(ValueError, match="stem_impl must be one of"):
+    jax.eval_shape(lambda: encoder.init(jax.random.key(0), x, train=False))
 
 
 def test_auto_conv_impl_is_2d1d_on_cpu():

@@ -8,9 +8,10 @@ Submodule names map one-to-one onto the PyTorch state-dict names: a PyTorch key
 a PyTorch path joins the name before it with "_"). `cvc_jax.convert` relies on that.
 Kernels are in (t, h, w) order.
 
-Two speed options change how the encoders run, never their parameters:
-`conv_impl` (the form of the convolutions, `CONV_IMPLS`) and `remat` (what the
-backward pass recomputes, `REMAT_POLICIES`).
+Three speed options change how the encoders run, never their parameters:
+`conv_impl` (the form of the convolutions, `CONV_IMPLS`), `stem_impl` (the form of
+the first, `STEM_IMPLS`) and `remat` (what the backward pass recomputes,
+`REMAT_POLICIES`).
 """
 
 import functools
@@ -122,6 +123,18 @@ DEPTH_TO_BLOCKS = {
 # CPUs, whose XLA backend runs 3D convolutions and their gradients far slower
 # than 2D ones; '3d' elsewhere (cuDNN and the TPU compiler take 3D as it is).
 CONV_IMPLS = ("3d", "3d_pad8", "2d1d", "auto")
+
+# How the stem's first convolution (7x7, stride 2 in space, over the 3 RGB
+# channels) runs. 'conv': as every other one (`conv_impl`). 'space_to_depth':
+# each 2x2 block of input pixels becomes one pixel of 12 channels and the kernel
+# a 4x4 one over them with spatial stride 1 (`space_to_depth`): the same function
+# (the 8x8 taps that 7x7 does not fill are zeros, 31 % more multiply-adds) in a
+# form with 4x the channels. cuDNN pads 3 input channels to 8 for its tensor
+# cores, and ran this convolution at about 18 TFLOP/s of an H200's 989
+# (benchmarks/RESULTS.md); TPU ResNets have fed their first convolution this way
+# for the same reason. Whether it is faster on a card is for
+# `benchmarks/gpu_run.sh` stage 10 to measure.
+STEM_IMPLS = ("conv", "space_to_depth")
 
 # What a residual block keeps for the backward pass (`remat`). 'none': every
 # activation (fastest). 'blocks': only each block's input, all else recomputed
@@ -343,6 +356,14 @@ class FactorisedConv(nn.Module):
     return _temporal_conv(x, kernel[:, 0, 0], (st,))
 
 
+def _padded_conv3d(x, kernel, strides, padding, multiple):
+  """`_conv3d` with the input's and output's channels zero-padded to `multiple`."""
+  extra_in, extra_out = -x.shape[-1] % multiple, -kernel.shape[-1] % multiple
+  x = jnp.pad(x, [(0, 0)] * 4 + [(0, extra_in)])
+  kernel = jnp.pad(kernel, [(0, 0)] * 3 + [(0, extra_in), (0, extra_out)])
+  return _conv3d(x, kernel, strides, padding)[..., :kernel.shape[-1] - extra_out]
+
+
 class PaddedConv(nn.Module):
   """A bias-free 3D convolution run with its channels zero-padded to a multiple.
 
@@ -363,11 +384,66 @@ class PaddedConv(nn.Module):
     kernel = self.param("kernel", conv_init,
                         tuple(self.kernel_size) + (channels, self.features), jnp.float32)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    extra_in, extra_out = -channels % self.multiple, -self.features % self.multiple
-    x = jnp.pad(x, [(0, 0)] * 4 + [(0, extra_in)])
-    kernel = jnp.pad(kernel, [(0, 0)] * 3 + [(0, extra_in), (0, extra_out)])
-    y = _conv3d(x, kernel, self.strides, [(k // 2, k // 2) for k in self.kernel_size])
-    return y[..., :self.features]
+    return _padded_conv3d(x, kernel, self.strides,
+                          [(k // 2, k // 2) for k in self.kernel_size], self.multiple)
+
+
+def space_to_depth(x, kernel):
+  """The input and kernel of a stride-1 'valid' convolution in space that computes
+  the convolution of x [B, T, H, W, C] with kernel [kt, kh, kw, C, O] at spatial
+  stride 2 and PyTorch's padding k // 2.
+
+  Pixel (i, j) of the new input holds the padded input's pixels (2i + a, 2j + b)
+  for a, b in {0, 1}, as channels (a, b, c); tap (i, j) of the new kernel holds the
+  taps (2i + a, 2j + b), zero past the kernel's end. Output pixel o read padded
+  pixels 2o + k for k < kh, i.e. 2(o + i) + a with k = 2i + a: the new
+  convolution's tap i, channel group a. The time axis is left as it is.
+  """
+  b, t, h, w, c = x.shape
+  kt, kh, kw, _, o = kernel.shape
+  ah, aw = -(-kh // 2), -(-kw // 2)  # taps of the new kernel
+  oh, ow = (h + 2 * (kh // 2) - kh) // 2 + 1, (w + 2 * (kw // 2) - kw) // 2 + 1
+  # The padded input that the new kernel's taps cover for every output pixel.
+  lh, lw = 2 * (oh + ah - 1), 2 * (ow + aw - 1)
+  x = jnp.pad(x, ((0, 0), (0, 0), (kh // 2, lh - h - kh // 2), (kw // 2, lw - w - kw // 2),
+                  (0, 0)))
+  x = x.reshape(b, t, lh // 2, 2, lw // 2, 2, c).transpose(0, 1, 2, 4, 3, 5, 6)
+  kernel = jnp.pad(kernel, ((0, 0), (0, 2 * ah - kh), (0, 2 * aw - kw), (0, 0), (0, 0)))
+  kernel = kernel.reshape(kt, ah, 2, aw, 2, c, o).transpose(0, 1, 3, 2, 4, 5, 6)
+  return (x.reshape(b, t, lh // 2, lw // 2, 4 * c), kernel.reshape(kt, ah, aw, 4 * c, o))
+
+
+class SpaceToDepthConv(nn.Module):
+  """A bias-free convolution with spatial stride 2 run on the space-to-depth input
+  (`space_to_depth`, `STEM_IMPLS`), in the form `conv_impl` gives the others.
+
+  Its one parameter is `nn.Conv`'s 'kernel' [kt, kh, kw, in, out], initialised
+  the same way; only what the backend is asked to run changes. Padding is
+  PyTorch's symmetric k // 2.
+  """
+  features: int
+  kernel_size: tuple[int, int, int]
+  strides: tuple[int, int, int]
+  conv_impl: str = "3d"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    (kt, kh, kw), (st, sh, sw) = self.kernel_size, self.strides
+    if (sh, sw) != (2, 2):
+      raise ValueError(f"A space-to-depth convolution has spatial stride 2, got "
+                       f"strides {self.strides}; use stem_impl='conv'.")
+    kernel = self.param("kernel", conv_init,
+                        (kt, kh, kw, x.shape[-1], self.features), jnp.float32)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    x, kernel = space_to_depth(x, kernel)
+    impl = resolve_conv_impl(self.conv_impl)
+    if impl == "2d1d" and kt == 1:
+      return _frames_conv(x[:, ::st], kernel, ((1, 1), ((0, 0), (0, 0))))
+    padding = [(kt // 2, kt // 2), (0, 0), (0, 0)]
+    if impl == "3d_pad8":
+      return _padded_conv3d(x, kernel, (st, 1, 1), padding, 8)
+    return _conv3d(x, kernel, (st, 1, 1), padding)
 
 
 def _conv(features, kernel, strides, name, dtype, conv_impl="3d"):
@@ -381,6 +457,16 @@ def _conv(features, kernel, strides, name, dtype, conv_impl="3d"):
   return nn.Conv(
       features, kernel, strides=strides, padding=[(k // 2, k // 2) for k in kernel],
       use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
+
+
+def stem_conv(features, kernel, strides, name, dtype, conv_impl, stem_impl):
+  """The stem's first convolution in the form `stem_impl` names (`STEM_IMPLS`)."""
+  if stem_impl not in STEM_IMPLS:
+    raise ValueError(f"stem_impl must be one of {STEM_IMPLS}, got {stem_impl!r}.")
+  if stem_impl == "space_to_depth":
+    return SpaceToDepthConv(features, tuple(kernel), tuple(strides), conv_impl, dtype,
+                            name=name)
+  return _conv(features, kernel, strides, name, dtype, conv_impl)
 
 
 def _run_block(block, x, *, train, remat):
@@ -475,6 +561,7 @@ class VideoResNet(nn.Module):
     bottleneck: Bottleneck blocks (x4 expansion) instead of BasicBlocks.
     dtype: compute dtype; parameters stay float32.
     conv_impl: the form of the convolutions, one of `CONV_IMPLS`.
+    stem_impl: the form of the first convolution, one of `STEM_IMPLS`.
     remat: what the backward pass recomputes in each block, a key of
       `REMAT_POLICIES`.
   """
@@ -484,6 +571,7 @@ class VideoResNet(nn.Module):
   bottleneck: bool = False
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
+  stem_impl: str = "conv"
   remat: str = "none"
 
   @nn.compact
@@ -493,14 +581,16 @@ class VideoResNet(nn.Module):
                        "use 'r2plus1d', 'r3d' or 'mc3'.")
     bn = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
     conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl)
+    stem = functools.partial(stem_conv, name="stem_0", dtype=self.dtype,
+                             conv_impl=self.conv_impl, stem_impl=self.stem_impl)
     x = x.astype(self.dtype)
     if self.arch == "r2plus1d":
       # torchvision hard-codes 45 mid channels at width 64; scale it for small nets.
       mid = 45 * self.width // 64
-      x = nn.relu(bn(name="stem_1")(conv(mid, (1, 7, 7), (1, 2, 2), "stem_0")(x)))
+      x = nn.relu(bn(name="stem_1")(stem(mid, (1, 7, 7), (1, 2, 2))(x)))
       x = nn.relu(bn(name="stem_4")(conv(self.width, (3, 1, 1), (1, 1, 1), "stem_3")(x)))
     else:
-      x = nn.relu(bn(name="stem_1")(conv(self.width, (3, 7, 7), (1, 2, 2), "stem_0")(x)))
+      x = nn.relu(bn(name="stem_1")(stem(self.width, (3, 7, 7), (1, 2, 2))(x)))
     for i, num_blocks in enumerate(self.blocks):
       kind = {"r2plus1d": "2plus1d", "r3d": "3d", "mc3": "3d" if i == 0 else "2d"}[self.arch]
       for j in range(num_blocks):
@@ -552,6 +642,7 @@ class HaraResNet(nn.Module):
     dtype: compute dtype; parameters stay float32.
     conv_impl: the form of the convolutions, one of `CONV_IMPLS` (only the 1x1x1
       ones have another form: Hara's nets are 3x3x3 throughout).
+    stem_impl: the form of the first convolution, one of `STEM_IMPLS`.
     remat: what the backward pass recomputes in each block (`REMAT_POLICIES`).
   """
   depth: int = 18
@@ -562,6 +653,7 @@ class HaraResNet(nn.Module):
   pool_t: int = 1
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
+  stem_impl: str = "conv"
   remat: str = "none"
 
   @nn.compact
@@ -570,8 +662,8 @@ class HaraResNet(nn.Module):
       raise ValueError(f"Hara ResNet depth must be one of {sorted(DEPTH_TO_BLOCKS)}, "
                        f"got {self.depth}.")
     x = x.astype(self.dtype)
-    x = _conv(self.width, (self.conv1_t_size, 7, 7), (self.conv1_t_stride, 2, 2), "conv1",
-              self.dtype, self.conv_impl)(x)
+    x = stem_conv(self.width, (self.conv1_t_size, 7, 7), (self.conv1_t_stride, 2, 2),
+                   "conv1", self.dtype, self.conv_impl, self.stem_impl)(x)
     x = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn1")(x))
     if not self.no_max_pool:
       t = self.pool_t
@@ -599,19 +691,20 @@ def build_encoder(cfg, dtype=jnp.float32, name=None, remat: str = "none") -> nn.
   Args:
     cfg: a mapping with `arch` ('r2plus1d', 'r3d', 'mc3' or 'hara'), `width`, and
       `blocks` (torchvision layout) or `depth` (Hara layout), plus the optional keys
-      `bottleneck`, `conv_impl` (default 'auto') and the Hara stem keys of
-      `HaraResNet`.
+      `bottleneck`, `conv_impl` (default 'auto'), `stem_impl` (default 'conv')
+      and the Hara stem keys of `HaraResNet`.
     dtype: compute dtype.
     name: the Flax submodule name (the authors call it "backbone").
     remat: what the backward pass recomputes (`REMAT_POLICIES`; `config.remat`).
   """
-  conv_impl = cfg.get("conv_impl", "auto")
+  speed = dict(conv_impl=cfg.get("conv_impl", "auto"),
+               stem_impl=cfg.get("stem_impl", "conv"), remat=remat)
   if cfg["arch"] == "hara":
     return HaraResNet(
         depth=cfg["depth"], width=cfg["width"], conv1_t_size=cfg.get("conv1_t_size", 7),
         conv1_t_stride=cfg.get("conv1_t_stride", 1),
         no_max_pool=cfg.get("no_max_pool", False), pool_t=cfg.get("pool_t", 1),
-        dtype=dtype, conv_impl=conv_impl, remat=remat, name=name)
+        dtype=dtype, name=name, **speed)
   return VideoResNet(arch=cfg["arch"], blocks=tuple(cfg["blocks"]), width=cfg["width"],
-                     bottleneck=cfg.get("bottleneck", False), dtype=dtype,
-                     conv_impl=conv_impl, remat=remat, name=name)
+                     bottleneck=cfg.get("bottleneck", False), dtype=dtype, name=name,
+                     **speed)
