@@ -13,9 +13,10 @@ the backward pass, which XLA lowers to different convolutions; the first
 convolution's input is the views, which need none, so it has none). --whole also
 times the whole encoder's forward + backward (BatchNorm in training mode) with
 each `conv_impl`. This is the measurement behind `conv_impl='auto'`. --stem times
-only the first convolution, forward and kernel gradient, in every `conv_impl` and
-`stem_impl` (`resnet3d.STEM_IMPLS`), with the rate of the model's FLOPs (those of
-the 7x7 kernel, not the space-to-depth form's zero taps). --torch adds
+only the first convolution, forward and kernel gradient, in every `conv_impl`
+(or those --stem_conv_impls lists) and `stem_impl` (`resnet3d.STEM_IMPLS`), with
+the rate of the model's FLOPs (those of the 7x7 kernel, not the space-to-depth
+form's zero taps). --torch adds
 the same three passes of PyTorch's `nn.Conv3d` on the same input (float32,
 NCDHW, this process's threads), the convolutions of the authors' step, and the
 ratio of the faster JAX form to it.
@@ -48,6 +49,8 @@ _WHOLE = flags.DEFINE_bool("whole", False, "Also time the whole encoder per form
 _TORCH = flags.DEFINE_bool("torch", False, "Also time PyTorch's Conv3d per convolution.")
 _STEM = flags.DEFINE_bool("stem", False,
                           "Time only the first convolution, in every conv_impl and stem_impl.")
+_STEM_CONV_IMPLS = flags.DEFINE_list(
+    "stem_conv_impls", ["3d", "3d_pad8", "2d1d"], "With --stem: the conv_impls to time.")
 
 
 def _median_time(fn, *args, reps: int, sync=jax.block_until_ready) -> float:
@@ -148,7 +151,7 @@ def time_stem(conv, features, dtype):
   flops = 2.0 * math.prod(out.shape) * math.prod(kernel) * in_shape[-1]
   print(f"{name}: {'x'.join(map(str, kernel))} stride {'x'.join(map(str, strides))}, "
         f"{in_shape} -> {out.shape}, {flops / 1e9:.1f} GFLOP per pass (7x7 taps)")
-  for impl in resnet3d.CONV_IMPLS[:-1]:  # not 'auto'
+  for impl in _STEM_CONV_IMPLS.value:
     for stem in resnet3d.STEM_IMPLS:
       fwd, _, dw = time_conv(kernel, strides, in_shape, features, impl, dtype, _REPS.value,
                              input_grad=False, stem_impl=stem)

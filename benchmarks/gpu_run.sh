@@ -177,11 +177,12 @@ fi
 
 # 10) The stem's first convolution (7x7 over RGB, session 8's profile: about 18
 #     TFLOP/s, 7.0 ms of the H200 step) alone, forward and kernel gradient, in
-#     every conv_impl and stem_impl (conv_forms.py --stem); then the JAX step at
-#     BATCH with it in space-to-depth form (stem_impl=space_to_depth), traced.
+#     each stem_impl with the 3D forms a card runs (conv_forms.py --stem); then
+#     the JAX step at BATCH with it in space-to-depth form, traced.
 if [[ " $STAGES " == *" 10 "* ]]; then
   stage stem_forms 150 python3 benchmarks/conv_forms.py --config="$CONFIG" \
-      --config.dtype=bfloat16 --config.batch_size="$BATCH" --stem --reps=20
+      --config.dtype=bfloat16 --config.batch_size="$BATCH" --stem --reps=20 \
+      --stem_conv_impls=3d,3d_pad8
   stage "jax_bf16 stem_impl=space_to_depth" 200 python3 benchmarks/fit_batch.py \
       --config="$CONFIG" --config.dtype=bfloat16 \
       --config.model.encoder.stem_impl=space_to_depth --min_batch="$BATCH" \
