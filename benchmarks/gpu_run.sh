@@ -241,5 +241,6 @@ fi
 
 tar czf "$OUT/jax_cache.tar.gz" -C "$JAX_COMPILATION_CACHE_DIR" . 2>/dev/null
 if ls "$OUT"/[0-9]*_*.json >/dev/null 2>&1; then  # stage 9 alone writes none
-  python3 benchmarks/summarize.py "$OUT"/[0-9]*_*.json | tee "$OUT/summary.md"
+  # In stage order: 1, 2, ..., 10 (a plain glob puts 10 before 1).
+  python3 benchmarks/summarize.py $(ls "$OUT"/[0-9]*_*.json | sort -V) | tee "$OUT/summary.md"
 fi
