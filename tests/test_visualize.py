@@ -111,7 +111,7 @@ def test_feature_map_position_i_is_centred_on_input_s_times_i():
   (t, i, j) of the last feature map is centred on input (8t, 16i, 16j)."""
   module = resnet3d.build_encoder(dict(arch="r2plus1d", blocks=(1, 1, 1, 1), width=8))
   # Compiled, and shapes by eval_shape: op by op this test took 24-38 s of the suite.
-  variables = jax.jit(functools.partial(module.init, train=False))(
+  variables = models.jit_init(functools.partial(module.init, train=False))(
       jax.random.key(0), jnp.zeros((1, 4, 32, 32, 3)))
   for shape, position in (((1, 4, 128, 160, 3), (0, 4, 5)),
                           ((1, 64, 16, 16, 3), (4, 0, 0))):

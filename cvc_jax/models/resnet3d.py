@@ -358,10 +358,11 @@ class FactorisedConv(nn.Module):
 
 def _padded_conv3d(x, kernel, strides, padding, multiple):
   """`_conv3d` with the input's and output's channels zero-padded to `multiple`."""
-  extra_in, extra_out = -x.shape[-1] % multiple, -kernel.shape[-1] % multiple
+  features = kernel.shape[-1]
+  extra_in, extra_out = -x.shape[-1] % multiple, -features % multiple
   x = jnp.pad(x, [(0, 0)] * 4 + [(0, extra_in)])
   kernel = jnp.pad(kernel, [(0, 0)] * 3 + [(0, extra_in), (0, extra_out)])
-  return _conv3d(x, kernel, strides, padding)[..., :kernel.shape[-1] - extra_out]
+  return _conv3d(x, kernel, strides, padding)[..., :features]
 
 
 class PaddedConv(nn.Module):
