@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cvc_jax import losses
+from cvc_jax.models import heads
 
 RNG = np.random.default_rng(0)
 
@@ -30,6 +31,23 @@ def np_sinkhorn(scores, eps=0.05, iters=3):
     q *= u[:, None]
     q *= ((1 / n) / q.sum(0))[None]
   return (q / q.sum(0, keepdims=True)).T
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_l2_normalize_is_torch_normalize_with_its_gradient_at_zero(dtype):
+  import torch  # pylint: disable=g-import-not-at-top
+  # Row 0 is all zeros, as a post-ReLU feature can be: torch's gradient there is
+  # g / eps, and a NaN one would stop training.
+  x = np.stack([np.zeros(8), RNG.normal(size=8), 1e-13 * RNG.normal(size=8)])
+  g = RNG.normal(size=x.shape)
+  y, vjp = jax.vjp(heads.l2_normalize, jnp.asarray(x, dtype))
+  (grad,) = vjp(jnp.asarray(g, dtype))
+  x_t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+  y_t = torch.nn.functional.normalize(x_t, dim=-1)
+  y_t.backward(torch.tensor(g))
+  tol = 1e-6 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.float64(y), y_t.detach().numpy(), rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.float64(grad), x_t.grad.numpy(), rtol=tol, atol=tol)
 
 
 def test_info_nce_matches_numpy():

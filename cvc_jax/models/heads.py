@@ -39,9 +39,15 @@ def mlp_head(name, *, hidden, out, train, dtype, batch_norm):
 
 
 def l2_normalize(x, axis=-1, eps=1e-12):
-  """x / max(||x||, eps), as torch.nn.functional.normalize."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
+  """x / max(||x||, eps), as torch.nn.functional.normalize, gradient included.
+
+  The maximum is taken under the square root: sqrt(max(||x||^2, eps^2)) is the
+  same value, but where x = 0 (a post-ReLU feature that is all zeros) the
+  gradient of max(sqrt(||x||^2), eps) is 0 times sqrt's infinite slope, NaN,
+  where torch's is g / eps.
+  """
+  squared = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x / jnp.sqrt(jnp.maximum(squared, eps * eps))
 
 
 class LocalConceptAggregation(nn.Module):
