@@ -14,9 +14,10 @@ convolution's input is the views, which need none, so it has none). --whole also
 times the whole encoder's forward + backward (BatchNorm in training mode) with
 each `conv_impl`. This is the measurement behind `conv_impl='auto'`. --stem times
 only the first convolution, forward and kernel gradient, in every `conv_impl`
-(or those --stem_conv_impls lists) and `stem_impl` (`resnet3d.STEM_IMPLS`), with
-the rate of the model's FLOPs (those of the 7x7 kernel, not the space-to-depth
-form's zero taps). --torch adds
+(or those --stem_conv_impls lists) and both forms of `stem_impl` (conv and
+space_to_depth), with the rate of the model's FLOPs (those of the 7x7 kernel,
+not the space-to-depth form's zero taps): the measurement behind
+`stem_impl='auto'`. --torch adds
 the same three passes of PyTorch's `nn.Conv3d` on the same input (float32,
 NCDHW, this process's threads), the convolutions of the authors' step, and the
 ratio of the faster JAX form to it.
@@ -152,7 +153,7 @@ def time_stem(conv, features, dtype):
   print(f"{name}: {'x'.join(map(str, kernel))} stride {'x'.join(map(str, strides))}, "
         f"{in_shape} -> {out.shape}, {flops / 1e9:.1f} GFLOP per pass (7x7 taps)")
   for impl in _STEM_CONV_IMPLS.value:
-    for stem in resnet3d.STEM_IMPLS:
+    for stem in ("conv", "space_to_depth"):
       fwd, _, dw = time_conv(kernel, strides, in_shape, features, impl, dtype, _REPS.value,
                              input_grad=False, stem_impl=stem)
       print(f"  conv_impl={impl:<8} stem_impl={stem:<15} forward {fwd * 1e3:9.2f} ms "

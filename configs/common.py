@@ -55,10 +55,11 @@ def base() -> ml_collections.ConfigDict:
   # (k,1,1) kernels as 2D convolutions) or "auto" (the one measured faster on the
   # backend: 2d1d on CPU, 3d on GPU/TPU; benchmarks/RESULTS.md).
   c.model.encoder.conv_impl = "auto"
-  # How the stem's first convolution runs: "conv" (as conv_impl says) or
+  # How the stem's first convolution runs: "conv" (as conv_impl says),
   # "space_to_depth" (2x2 pixels to 12 channels, a 4x4 kernel at stride 1; same
-  # parameters and function; resnet3d.STEM_IMPLS).
-  c.model.encoder.stem_impl = "conv"
+  # parameters and function) or "auto" (space_to_depth for 16-bit compute on
+  # NVIDIA GPUs, where it was measured faster, else conv; resnet3d.STEM_IMPLS).
+  c.model.encoder.stem_impl = "auto"
   c.model.separate_encoders = False
   c.model.num_concepts = 50  # K per kind (K_s = K_d)
   c.model.sigma = "identity"  # identity | linear | mlp

@@ -264,7 +264,8 @@ def _unpadded(config):
   zeros that padding and the 8x8 taps add are not the model's work, so MFU
   leaves them out."""
   pad8 = config.model.encoder.get("conv_impl") == "3d_pad8"
-  s2d = config.model.encoder.get("stem_impl", "conv") != "conv"
+  s2d = resnet3d.resolve_stem_impl(config.model.encoder.get("stem_impl", "auto"),
+                                  config.dtype) == "space_to_depth"
   if not (pad8 or s2d):
     return config
   config = config.copy_and_resolve_references()
@@ -382,10 +383,10 @@ class TrainStep:
     memory, memory_source = _memory(self.devices[0])
     kind, c = self.devices[0].device_kind, self.config
     encoder = c.model.encoder
-    notes = (f"views+fwd+bwd+Adam, frames on device, conv_impl="
-             f"{resnet3d.resolve_conv_impl(encoder.get('conv_impl', 'auto'))}, "
-             f"stem_impl={encoder.get('stem_impl', 'conv')}, "
-             f"remat={c.get('remat', 'none')}, host memory "
+    conv_impl = resnet3d.resolve_conv_impl(encoder.get("conv_impl", "auto"))
+    stem_impl = resnet3d.resolve_stem_impl(encoder.get("stem_impl", "auto"), c.dtype)
+    notes = (f"views+fwd+bwd+Adam, frames on device, conv_impl={conv_impl}, "
+             f"stem_impl={stem_impl}, remat={c.get('remat', 'none')}, host memory "
              f"{'kept' if cvc_jax.HOST_MEMORY_KEPT else 'glibc default'}")
     if self.compiler_options:
       notes += ", compiler options " + " ".join(

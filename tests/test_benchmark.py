@@ -473,6 +473,23 @@ def test_auto_conv_impl_is_2d1d_on_cpu():
     resnet3d.resolve_conv_impl("2d")
 
 
+def test_auto_stem_impl_is_space_to_depth_for_16_bit_on_nvidia(monkeypatch):
+  assert resnet3d.resolve_stem_impl("auto", "bfloat16") == "conv"  # this CPU
+  assert resnet3d.resolve_stem_impl("space_to_depth") == "space_to_depth"
+  card = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+  monkeypatch.setattr(jax, "devices", lambda *args: [card])
+  assert resnet3d.resolve_stem_impl("auto", jnp.bfloat16) == "space_to_depth"
+  assert resnet3d.resolve_stem_impl("auto", "float16", (2, 2, 2)) == "space_to_depth"
+  assert resnet3d.resolve_stem_impl("auto", "float32") == "conv"  # not measured
+  assert resnet3d.resolve_stem_impl("auto", "bfloat16", (1, 1, 1)) == "conv"
+  assert resnet3d.resolve_stem_impl("conv", "bfloat16") == "conv"
+  card.device_kind = "AMD Instinct MI300X"
+  assert resnet3d.resolve_stem_impl("auto", "bfloat16") == "conv"
+  monkeypatch.undo()
+  with pytest.raises(ValueError, match="stem_impl must be one of"):
+    resnet3d.resolve_stem_impl("s2d")
+
+
 def test_conv_compiler_options_force_channels_last_for_16_bit_on_nvidia(monkeypatch):
   assert models.conv_compiler_options("bfloat16") is None  # this CPU
   card = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H200")

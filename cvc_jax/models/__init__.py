@@ -2,7 +2,8 @@
 pretraining model (`cvc`) and exported encoders (`exported`)."""
 
 import jax
-import jax.numpy as jnp
+
+from cvc_jax.models import resnet3d
 
 # Initialisation runs once, so what matters on CPU is its compile time, which is
 # mostly LLVM optimising one random-number kernel (a threefry hash and a
@@ -41,8 +42,4 @@ GPU_16BIT_CONV_COMPILER_OPTIONS = {"xla_gpu_force_conv_nhwc": True}
 def conv_compiler_options(dtype) -> dict | None:
   """XLA options for a program whose convolutions compute in `dtype`:
   `GPU_16BIT_CONV_COMPILER_OPTIONS` for 16-bit dtypes on NVIDIA GPUs, else None."""
-  device = jax.devices()[0]
-  if (device.platform == "gpu" and device.device_kind.startswith("NVIDIA")
-      and jnp.dtype(dtype).itemsize == 2):
-    return GPU_16BIT_CONV_COMPILER_OPTIONS
-  return None
+  return GPU_16BIT_CONV_COMPILER_OPTIONS if resnet3d.nvidia_16bit(dtype) else None

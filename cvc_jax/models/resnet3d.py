@@ -130,11 +130,14 @@ CONV_IMPLS = ("3d", "3d_pad8", "2d1d", "auto")
 # a 4x4 one over them with spatial stride 1 (`space_to_depth`): the same function
 # (the 8x8 taps that 7x7 does not fill are zeros, 31 % more multiply-adds) in a
 # form with 4x the channels. cuDNN pads 3 input channels to 8 for its tensor
-# cores, and ran this convolution at about 18 TFLOP/s of an H200's 989
-# (benchmarks/RESULTS.md); TPU ResNets have fed their first convolution this way
-# for the same reason. Whether it is faster on a card is for
-# `benchmarks/gpu_run.sh` stage 10 to measure.
-STEM_IMPLS = ("conv", "space_to_depth")
+# cores: on an H100 in bfloat16 the space-to-depth form ran this convolution in
+# 2.47 ms instead of 4.40 forward and 2.67 instead of 4.14 for the kernel
+# gradient, and the train step of configs/ucf101.py at 16 videos in 127.3 ms
+# instead of 132.9; on the development CPU, whose convolutions are the 2d1d
+# form, it was 2.7x slower forward (benchmarks/RESULTS.md). 'auto' picks it
+# where it was measured faster: 16-bit compute on an NVIDIA GPU (TPUs and
+# float32 on GPUs are unmeasured and keep 'conv').
+STEM_IMPLS = ("conv", "space_to_depth", "auto")
 
 # What a residual block keeps for the backward pass (`remat`). 'none': every
 # activation (fastest). 'blocks': only each block's input, all else recomputed
@@ -151,6 +154,26 @@ def resolve_conv_impl(conv_impl: str) -> str:
   if conv_impl == "auto":
     return "2d1d" if jax.default_backend() == "cpu" else "3d"
   return conv_impl
+
+
+def nvidia_16bit(dtype) -> bool:
+  """Whether the default device is an NVIDIA GPU and `dtype` 16-bit: where cuDNN
+  runs convolutions on the tensor cores, channels-last."""
+  device = jax.devices()[0]
+  return (device.platform == "gpu" and device.device_kind.startswith("NVIDIA")
+          and jnp.dtype(dtype).itemsize == 2)
+
+
+def resolve_stem_impl(stem_impl: str, dtype=jnp.float32,
+                      strides: Sequence[int] = (1, 2, 2)) -> str:
+  """`stem_impl` with 'auto' decided for the default device, the compute `dtype`
+  and the stem's `strides`: 'space_to_depth' or 'conv' (`STEM_IMPLS`)."""
+  if stem_impl not in STEM_IMPLS:
+    raise ValueError(f"stem_impl must be one of {STEM_IMPLS}, got {stem_impl!r}.")
+  if stem_impl == "auto":
+    return ("space_to_depth" if nvidia_16bit(dtype) and tuple(strides[1:]) == (2, 2)
+            else "conv")
+  return stem_impl
 
 
 def _conv3d(x, kernel, strides, padding):
@@ -462,9 +485,7 @@ def _conv(features, kernel, strides, name, dtype, conv_impl="3d"):
 
 def stem_conv(features, kernel, strides, name, dtype, conv_impl, stem_impl):
   """The stem's first convolution in the form `stem_impl` names (`STEM_IMPLS`)."""
-  if stem_impl not in STEM_IMPLS:
-    raise ValueError(f"stem_impl must be one of {STEM_IMPLS}, got {stem_impl!r}.")
-  if stem_impl == "space_to_depth":
+  if resolve_stem_impl(stem_impl, dtype, strides) == "space_to_depth":
     return SpaceToDepthConv(features, tuple(kernel), tuple(strides), conv_impl, dtype,
                             name=name)
   return _conv(features, kernel, strides, name, dtype, conv_impl)
@@ -572,7 +593,7 @@ class VideoResNet(nn.Module):
   bottleneck: bool = False
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
-  stem_impl: str = "conv"
+  stem_impl: str = "auto"
   remat: str = "none"
 
   @nn.compact
@@ -654,7 +675,7 @@ class HaraResNet(nn.Module):
   pool_t: int = 1
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
-  stem_impl: str = "conv"
+  stem_impl: str = "auto"
   remat: str = "none"
 
   @nn.compact
@@ -692,14 +713,14 @@ def build_encoder(cfg, dtype=jnp.float32, name=None, remat: str = "none") -> nn.
   Args:
     cfg: a mapping with `arch` ('r2plus1d', 'r3d', 'mc3' or 'hara'), `width`, and
       `blocks` (torchvision layout) or `depth` (Hara layout), plus the optional keys
-      `bottleneck`, `conv_impl` (default 'auto'), `stem_impl` (default 'conv')
+      `bottleneck`, `conv_impl` (default 'auto'), `stem_impl` (default 'auto')
       and the Hara stem keys of `HaraResNet`.
     dtype: compute dtype.
     name: the Flax submodule name (the authors call it "backbone").
     remat: what the backward pass recomputes (`REMAT_POLICIES`; `config.remat`).
   """
   speed = dict(conv_impl=cfg.get("conv_impl", "auto"),
-               stem_impl=cfg.get("stem_impl", "conv"), remat=remat)
+               stem_impl=cfg.get("stem_impl", "auto"), remat=remat)
   if cfg["arch"] == "hara":
     return HaraResNet(
         depth=cfg["depth"], width=cfg["width"], conv1_t_size=cfg.get("conv1_t_size", 7),
