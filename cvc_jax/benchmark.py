@@ -347,6 +347,8 @@ class TrainStep:
     self.compiled = traced.lower().compile(compiler_options=self.compiler_options or None)
     self.compile_time = time.perf_counter() - start
     self.state = state
+    self.steps_run = 0  # by `finish`, from 1, warm-up included
+    self.nonfinite = []  # those of them whose loss was not finite
     # MFU counts the step's convolutions and matrix products from its jaxpr, as
     # torch's flop_counter counts the baseline's: XLA's cost analysis of the
     # compiled program leaves out library calls (on an H100 it counted 0.28 of
@@ -366,9 +368,14 @@ class TrainStep:
     return metrics
 
   def finish(self, metrics) -> None:
-    """Waits for the step that returned `metrics`; warns if its loss was not finite."""
+    """Waits for the step that returned `metrics`; counts it, and warns at the
+    first whose loss was not finite (`result` gives the count)."""
+    self.steps_run += 1
     if not bool(metrics["finite"]):
-      self.log("Warning: a step had a non-finite loss (the state was kept).")
+      if not self.nonfinite:
+        self.log(f"Warning: step {self.steps_run} had a non-finite loss (the state "
+                 "was kept); the result's notes count every such step.")
+      self.nonfinite.append(self.steps_run)
 
   def wait(self) -> None:
     """Waits for every queued step."""
@@ -388,6 +395,11 @@ class TrainStep:
     notes = (f"views+fwd+bwd+Adam, frames on device, conv_impl={conv_impl}, "
              f"stem_impl={stem_impl}, remat={c.get('remat', 'none')}, host memory "
              f"{'kept' if cvc_jax.HOST_MEMORY_KEPT else 'glibc default'}")
+    if self.nonfinite:
+      # A non-finite step keeps the old state but has done all the step's work,
+      # so the times stand; the count says the loss did not.
+      notes += (f", non-finite loss in {len(self.nonfinite)} of {self.steps_run} "
+                f"steps (the first: step {self.nonfinite[0]}; state kept)")
     if self.compiler_options:
       notes += ", compiler options " + " ".join(
           f"{k}={v}" for k, v in sorted(self.compiler_options.items()))
@@ -437,8 +449,10 @@ def time_pipelined(step, *, steps: int) -> float:
 def measure(step, *, steps: int, warmup: int) -> Result:
   """`step`'s `Result`: `warmup` untimed steps, `steps` timed one by one (the
   median and spread), then `steps` more pipelined (`time_pipelined`)."""
-  result = step.result(time_steps(step, steps=steps, warmup=warmup))
-  result.pipelined_step_time_s = time_pipelined(step, steps=steps)
+  times = time_steps(step, steps=steps, warmup=warmup)
+  pipelined = time_pipelined(step, steps=steps)
+  result = step.result(times)  # after every step, so its notes cover them all
+  result.pipelined_step_time_s = pipelined
   return result
 
 

@@ -105,6 +105,32 @@ def test_jax_benchmark_command_without_tensorflow_on_fake_devices(tmp_path):
   assert f"{r['step_time_median_s'] * 1e3:.1f} ms" in table
 
 
+class _ScriptedStep(benchmark.TrainStep):
+  """`TrainStep` with its compiled step replaced by a script of finite flags:
+  the real `finish`, `result`, `__call__` and `wait`, nothing compiled."""
+
+  def __init__(self, finite, log):  # pylint: disable=super-init-not-called
+    self.config, self.log, self.devices = reference.get_config("runlocal"), log, jax.devices()
+    self.compile_time, self.compiler_options = 1.0, None
+    self.flops, self.flops_source = 1e9, "test"
+    self.state, self.steps_run, self.nonfinite = jnp.zeros(()), 0, []
+    self._finite = iter(finite)
+
+  def launch(self):
+    return {"finite": jnp.asarray(next(self._finite))}
+
+
+def test_measure_counts_non_finite_steps_in_the_notes():
+  logs = []
+  # 1 warm-up, 2 timed, 2 pipelined: steps 3 and 5 not finite.
+  step = _ScriptedStep([True, True, False, True, False], logs.append)
+  notes = benchmark.measure(step, steps=2, warmup=1).notes
+  assert ", non-finite loss in 2 of 5 steps (the first: step 3; state kept)" in notes
+  assert len(logs) == 1 and "step 3 had a non-finite loss" in logs[0]
+  assert "non-finite" not in benchmark.measure(
+      _ScriptedStep([True] * 5, logs.append), steps=2, warmup=1).notes
+
+
 def test_count_flops_command_compiles_nothing():
   proc = _run_blocked("cvc_jax.benchmark", [
       "--config=" + os.path.join(ROOT, "configs/reference.py:runlocal"),
