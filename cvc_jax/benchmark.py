@@ -369,12 +369,12 @@ class TrainStep:
 
   def finish(self, metrics) -> None:
     """Waits for the step that returned `metrics`; counts it, and warns at the
-    first whose loss was not finite (`result` gives the count)."""
+    first whose loss or gradient was not finite (`result` gives the count)."""
     self.steps_run += 1
     if not bool(metrics["finite"]):
       if not self.nonfinite:
-        self.log(f"Warning: step {self.steps_run} had a non-finite loss (the state "
-                 "was kept); the result's notes count every such step.")
+        self.log(f"Warning: step {self.steps_run} had a non-finite loss or gradient "
+                 "(the state was kept); the result's notes count every such step.")
       self.nonfinite.append(self.steps_run)
 
   def wait(self) -> None:
@@ -397,9 +397,10 @@ class TrainStep:
              f"{'kept' if cvc_jax.HOST_MEMORY_KEPT else 'glibc default'}")
     if self.nonfinite:
       # A non-finite step keeps the old state but has done all the step's work,
-      # so the times stand; the count says the loss did not.
-      notes += (f", non-finite loss in {len(self.nonfinite)} of {self.steps_run} "
-                f"steps (the first: step {self.nonfinite[0]}; state kept)")
+      # so the times stand; the count says the training did not.
+      notes += (f", non-finite loss or gradient in {len(self.nonfinite)} of "
+                f"{self.steps_run} steps (the first: step {self.nonfinite[0]}; "
+                "state kept)")
     if self.compiler_options:
       notes += ", compiler options " + " ".join(
           f"{k}={v}" for k, v in sorted(self.compiler_options.items()))
