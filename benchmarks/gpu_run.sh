@@ -17,24 +17,27 @@
 # Stage 7 (STAGES="1 7 3 2") times one variant of the JAX step that stage 1's HLO
 # points to, traced as well; stage 8 the channel padding of conv_impl=3d_pad8;
 # stage 9 BatchNorm and ReLU alone; stage 10 the stem's first convolution alone in
-# every form and the step with its space-to-depth form (stem_impl). Stages run in
-# the order 1 7 8 9 10 3 2 4 5 6;
+# every form and the step with it as a 7x7 convolution (stem_impl=conv; the
+# default, auto, runs it in space-to-depth form on NVIDIA cards in bf16). Stages
+# run in the order 1 7 8 9 10 3 2 4 5 6;
 # each gets its own timeout or what is left of DEADLINE (seconds since the start,
 # default 560, inside one 10-minute call), whichever is less, and is skipped with
 # under 30 s left.
-# Measured on an H100 SXM (2026-11-27, jax 0.11.2, torch 2.11): one XLA compilation
-# of the ucf101 step took 108 s (cuDNN autotuning) and the JAX step at 16 videos
-# 143 s in all (stage 1 adds a 3-step trace), stage 3 24 s, stage 2 137 s
-# (torch.compile 100 s). On an H200 (session 8, STAGES="1 7 3 2"): 153, 127, 27
-# and 162 s, 496 s in all. Stages 4 and 5 compile twice more (two probes without
-# autotuning, then the batch found) and need a call of their own: on the H200
-# stage 4 ran out of 272 s while autotuning the batch it found (80). Stage 6
+# Measured on an H100 SXM (session 11, 2026-11-27, jax 0.11.2, torch 2.11): one
+# XLA compilation of the ucf101 step took 107 s (cuDNN autotuning); stage 1 148 s
+# in all (it adds a 3-step trace), stage 3 40 s, stage 2 154 s (torch.compile
+# 112 s), stage 10 83 s (its step's convolutions mostly tuned by stage 1): 471 s
+# for STAGES="1 3 2" then STAGES=10 in one call. Stages 4 and 5 compile twice
+# more (two probes without autotuning, then the batch found) and need a call of
+# their own: stage 4 took 298 s on the H100 (batch 40, compiled in 157 s); on an
+# H200 (session 8) it ran out of 272 s while autotuning the batch it found
+# (80). Stage 6
 # times the JAX step with the other form of the convolutions (conv_impl=2d1d),
 # to check on the card the choice conv_impl='auto' makes (3d).
 # A call's autotuning results come back in $OUT/jax_cache.tar.gz: unpacked into
-# .jaxcache/ (git-ignored; the development machine keeps session 8's, jax 0.11.2,
-# the ucf101 step at 16 videos and part of 80), carried, and named by
-# JAX_CACHE=.jaxcache, they spare the next call tuning those convolutions again.
+# .jaxcache/ (git-ignored, so a fresh checkout has none), carried, and named by
+# JAX_CACHE=.jaxcache, they spare the next call on the same kind of card tuning
+# those convolutions again.
 # Dry run on a CPU (tiny model, batch 2-4, torch.compile left out: on a CPU it
 # builds C++ for minutes); its result is in benchmarks/RESULTS.md:
 #     CONFIG=configs/reference.py:runlocal MIN_BATCH=2 MAX_BATCH=4 MULTIPLE=2 \
@@ -175,19 +178,20 @@ if [[ " $STAGES " == *" 9 "* ]]; then
   stage norm_fusions 120 python3 benchmarks/norm_fusions.py ${NORM_EXTRA:-}
 fi
 
-# 10) The stem's first convolution (7x7 over RGB, session 8's profile: about 18
-#     TFLOP/s, 7.0 ms of the H200 step) alone, forward and kernel gradient, in
-#     each stem_impl with the 3D forms a card runs (conv_forms.py --stem); then
-#     the JAX step at BATCH with it in space-to-depth form, traced.
+# 10) The stem's first convolution alone, forward and kernel gradient, in each
+#     stem_impl with the 3D forms a card runs (conv_forms.py --stem; on an H100
+#     in bf16 the space-to-depth form took 2.47 + 2.67 ms against the 7x7 form's
+#     4.40 + 4.14); then the JAX step at BATCH with the 7x7 form (stage 1 runs
+#     what stem_impl='auto' picks, space-to-depth on NVIDIA cards in bf16), traced.
 if [[ " $STAGES " == *" 10 "* ]]; then
   stage stem_forms 150 python3 benchmarks/conv_forms.py --config="$CONFIG" \
       --config.dtype=bfloat16 --config.batch_size="$BATCH" --stem --reps=20 \
       --stem_conv_impls=3d,3d_pad8
-  stage "jax_bf16 stem_impl=space_to_depth" 200 python3 benchmarks/fit_batch.py \
+  stage "jax_bf16 stem_impl=conv" 200 python3 benchmarks/fit_batch.py \
       --config="$CONFIG" --config.dtype=bfloat16 \
-      --config.model.encoder.stem_impl=space_to_depth --min_batch="$BATCH" \
-      --max_batch="$BATCH" $LIMIT --steps="$STEPS" --json="$OUT/10_jax_bf16_s2d.json" \
-      --trace_dir=/tmp/cvc_trace10
+      --config.model.encoder.stem_impl=conv --min_batch="$BATCH" \
+      --max_batch="$BATCH" $LIMIT --steps="$STEPS" \
+      --json="$OUT/10_jax_bf16_stem_conv.json" --trace_dir=/tmp/cvc_trace10
   pack_trace cvc_trace10 "$OUT/10_trace.tar.gz"
 fi
 
