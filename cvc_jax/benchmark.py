@@ -348,7 +348,7 @@ class TrainStep:
     self.compile_time = time.perf_counter() - start
     self.state = state
     self.steps_run = 0  # by `finish`, from 1, warm-up included
-    self.nonfinite = []  # those of them whose loss was not finite
+    self.nonfinite = []  # those of them whose loss or gradient was not finite
     # MFU counts the step's convolutions and matrix products from its jaxpr, as
     # torch's flop_counter counts the baseline's: XLA's cost analysis of the
     # compiled program leaves out library calls (on an H100 it counted 0.28 of
