@@ -13,6 +13,13 @@ import optax
 
 from cvc_jax.models.heads import l2_normalize
 
+# The losses' matrix products run in full float32, as the reference's PyTorch runs
+# them: at JAX's default precision float32 products run in TF32 on NVIDIA GPUs
+# (bfloat16 passes on TPUs; jax.lax.Precision), about 1e-3 off, which moves
+# InfoNCE's logits by 1e-2 at t = 0.07 and can put a cosine of unit vectors
+# above 1. They are a few MFLOP, nothing next to the encoder.
+_FULL = jax.lax.Precision.HIGHEST
+
 
 def info_nce(query: jax.Array, key: jax.Array, *, temperature: float = 0.07) -> jax.Array:
   """InfoNCE with in-batch negatives and a stop-gradient on the keys (SPEC 4).
@@ -29,7 +36,7 @@ def info_nce(query: jax.Array, key: jax.Array, *, temperature: float = 0.07) -> 
   """
   q = l2_normalize(query)
   k = jax.lax.stop_gradient(l2_normalize(key))
-  logits = q @ k.T / temperature
+  logits = jnp.matmul(q, k.T, precision=_FULL) / temperature
   labels = jnp.arange(q.shape[0])
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
@@ -94,7 +101,8 @@ def swapped_prediction(codes: jax.Array, targets: jax.Array, *,
   """
   num_views, batch = codes.shape[:2]
   log_p = jax.nn.log_softmax(codes / temperature, axis=-1)
-  cross = -jnp.einsum("ibc,kbc->ik", jax.lax.stop_gradient(targets), log_p) / batch
+  cross = -jnp.einsum("ibc,kbc->ik", jax.lax.stop_gradient(targets), log_p,
+                      precision=_FULL) / batch
   off_diagonal = 1.0 - jnp.eye(num_views)
   return jnp.sum(cross * off_diagonal) / (num_views * (num_views - 1))
 
@@ -182,8 +190,10 @@ def local_contrast_sums(query: jax.Array, key: jax.Array, valid: jax.Array, *,
     (positive + negative, number of valid (b, c)).
   """
   batch = query.shape[0]
-  sim = jnp.einsum("bcd,pcd->bpc", query, jax.lax.stop_gradient(key))
-  delta = jnp.sqrt(2.0 - 2.0 * sim + 1e-5)
+  sim = jnp.einsum("bcd,pcd->bpc", query, jax.lax.stop_gradient(key), precision=_FULL)
+  # Rounding can still put a cosine a few ulps above 1 (more in lower precision),
+  # where the reference's + 1e-5 alone would leave a negative square root: NaN.
+  delta = jnp.sqrt(jnp.maximum(2.0 - 2.0 * sim, 0.0) + 1e-5)
   eye = jnp.eye(batch)[:, :, None]
   positive = jnp.sum(jnp.square(delta) * eye * valid[:, None, :])
   negative = jnp.sum(jnp.square(jax.nn.relu(margin - delta)) * (1.0 - eye) *

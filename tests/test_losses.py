@@ -181,6 +181,36 @@ def test_local_concept_contrast_matches_loop(strict):
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_local_contrast_stays_finite_when_a_cosine_rounds_above_one():
+  # Rounding can put the cosine of two unit vectors above 1, where the
+  # reference's sqrt(2 - 2 cos + 1e-5) takes a negative root; here 1 + 3e-5, as
+  # TF32 products (a GPU's default for float32) can make it.
+  u = _normalize(RNG.normal(size=(3, 2, 8)))
+  query = u * (1 + 3e-5)
+  sim = np.einsum("bcd,pcd->bpc", query, u)
+  assert np.all(np.diagonal(sim) > 1 + 2e-5)
+  delta = np.sqrt(np.maximum(2 - 2 * sim, 0) + 1e-5)
+  eye = np.eye(3)[:, :, None]
+  want = np.sum(delta**2 * eye) + np.sum(np.maximum(1.4 - delta, 0)**2 * (1 - eye)) / 2
+  loss, grad = jax.value_and_grad(lambda q: losses.local_contrast_sums(
+      q, jnp.asarray(u, jnp.float32), jnp.ones((3, 2)))[0])(jnp.asarray(query, jnp.float32))
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  assert np.all(np.isfinite(grad))
+
+
+def test_loss_products_ask_for_full_float32():
+  # JAX's default precision runs float32 products in TF32 on NVIDIA GPUs and in
+  # bfloat16 passes on TPUs; the losses ask for float32, as PyTorch computes them.
+  x3, x2 = jnp.ones((2, 3, 4)), jnp.ones((4, 5))
+  jaxprs = [jax.make_jaxpr(losses.info_nce)(x2, x2),
+            jax.make_jaxpr(losses.swapped_prediction)(x3, x3),
+            jax.make_jaxpr(losses.local_contrast_sums)(x3, x3, jnp.ones((2, 3)))]
+  dots = [e for j in jaxprs for e in j.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 3
+  for eqn in dots:
+    assert eqn.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2, eqn
+
+
 def test_stop_gradients_sit_where_the_spec_says():
   """Keys of InfoNCE, Sinkhorn targets, reconstruction targets and the other view's
   local features are constants; queries, predictions and codes get gradients."""
