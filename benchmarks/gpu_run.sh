@@ -18,8 +18,9 @@
 # points to, traced as well; stage 8 the channel padding of conv_impl=3d_pad8;
 # stage 9 BatchNorm and ReLU alone; stage 10 the stem's first convolution alone in
 # every form and the step with it as a 7x7 convolution (stem_impl=conv; the
-# default, auto, runs it in space-to-depth form on NVIDIA cards in bf16). Stages
-# run in the order 1 7 8 9 10 3 2 4 5 6;
+# default, auto, runs it in space-to-depth form on NVIDIA cards in bf16); stage 11
+# tuned PyTorch at the batch stage 4 found. Stages run in the order
+# 1 7 8 9 10 3 2 4 11 5 6;
 # each gets its own timeout or what is left of DEADLINE (seconds since the start,
 # default 560, inside one 10-minute call), whichever is less, and is skipped with
 # under 30 s left.
@@ -197,9 +198,9 @@ fi
 
 # 3) and 2) PyTorch at the same batch, halved while it runs out of memory: as the
 #    authors ran it first (it costs no compilation), then tuned.
-torch_run() {  # torch_run NAME TIMEOUT_S FLAGS...
+torch_run() {  # torch_run NAME TIMEOUT_S FLAGS...; from batch TORCH_BATCH or BATCH
   local name=$1 limit=$2; shift 2
-  local b=$BATCH
+  local b=${TORCH_BATCH:-$BATCH}
   while (( b >= 1 )); do
     stage "$name (batch $b)" "$limit" python3 benchmarks/torch_baseline.py \
         --config="$CONFIG" --batch_size="$b" --steps="$STEPS" "$@" $TORCH_EXTRA \
@@ -225,6 +226,19 @@ if [[ " $STAGES " == *" 4 "* ]]; then
   XLA_FLAGS=$FIT_XLA_FLAGS stage jax_bf16_fit 600 python3 benchmarks/fit_batch.py \
       --config="$CONFIG" --config.dtype=bfloat16 $FIT --steps="$STEPS" \
       --json="$OUT/4_jax_bf16_fit.json"
+fi
+
+# 11) PyTorch tuned at the batch stage 4 found (read from its JSON, or FIT_BATCH=N
+#     from an earlier call), halved while it runs out of memory: both frameworks
+#     at the largest batch (stage 4 found 40 on an H100).
+if [[ " $STAGES " == *" 11 "* ]]; then
+  FIT_BATCH=${FIT_BATCH:-$(python3 -c "import json, sys; \
+print(json.load(open(sys.argv[1]))['global_batch'])" "$OUT/4_jax_bf16_fit.json" 2>/dev/null)}
+  if [[ -n "$FIT_BATCH" ]]; then
+    TORCH_BATCH=$FIT_BATCH torch_run 11_torch_bf16_tuned_fit 240 $ENCODER $TORCH_TUNED
+  else
+    echo "=== torch_bf16_tuned_fit: skipped, no batch (run stage 4 first or set FIT_BATCH)"
+  fi
 fi
 
 # 5) The same, rematerialised (config.remat; dots: each block keeps only its
