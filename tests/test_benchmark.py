@@ -417,7 +417,7 @@ def test_conv_impls_give_one_encoder(encoder):
     for impl, stem in [("3d", "conv"), ("2d1d", "conv"), ("3d_pad8", "space_to_depth")]:
       module = resnet3d.build_encoder(dict(encoder, conv_impl=impl, stem_impl=stem),
                                       dtype=jnp.float64)
-      variables = jax.jit(functools.partial(module.init, train=False))(
+      variables = models.jit_init(functools.partial(module.init, train=False))(
           jax.random.key(0), x)
 
       def loss(params, module=module, variables=variables):
