@@ -58,13 +58,6 @@ def with_batch(config, batch):
   return config
 
 
-def compiled_bytes(step: benchmark.TrainStep) -> int:
-  """Bytes one device needs for the compiled step, by XLA's memory analysis."""
-  m = step.compiled.memory_analysis()
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes +
-             m.temp_size_in_bytes - m.alias_size_in_bytes)
-
-
 def fit(config, *, remat, min_batch, max_batch, multiple, limit,
         probe_options=None) -> tuple[benchmark.TrainStep, str]:
   """The compiled step at the largest batch under `limit` bytes, and how it was found.
@@ -83,30 +76,11 @@ def fit(config, *, remat, min_batch, max_batch, multiple, limit,
           compiler_options=probe_options if probe else None)
     return steps[batch, probe]
 
-  batch = min_batch  # max_batch == min_batch: that batch, if it fits, unprobed
-  if max_batch > min_batch:
-    b1, b2 = min_batch, 2 * min_batch
-    m1 = compiled_bytes(compiled(b1, probe=True))
-    m2 = compiled_bytes(compiled(b2, probe=True))
-    per_video = max((m2 - m1) / (b2 - b1), 1.0)
-    batch = int(b1 + (limit - m1) / per_video) // multiple * multiple
-    batch = max(min(batch, max_batch), min_batch)
-    _log(f"Memory at batch {b1}: {m1 / 2**30:.2f} GiB, at {b2}: {m2 / 2**30:.2f} "
-         f"GiB; limit {limit / 2**30:.2f} GiB -> batch {batch}.")
-  while True:
-    step = compiled(batch)
-    need = compiled_bytes(step)
-    if need <= limit or batch - multiple < min_batch:
-      break
-    _log(f"Batch {batch} needs {need / 2**30:.2f} GiB: trying {batch - multiple}.")
-    batch -= multiple
-  how = (f"largest batch (multiple of {multiple}) within {limit / 2**30:.1f} GiB by "
-         f"XLA memory analysis: {need / 2**30:.2f} GiB")
-  if max_batch <= min_batch:
-    how = f"batch as asked; {need / 2**30:.2f} GiB by XLA memory analysis"
-  if need > limit:
-    how = f"batch {batch} needs {need / 2**30:.2f} GiB, over {limit / 2**30:.1f} GiB"
-  return step, how
+  batch, _, how = benchmark.largest_batch(
+      lambda batch, probe: benchmark.compiled_bytes(compiled(batch, probe).compiled),
+      min_batch=min_batch, max_batch=max_batch, multiple=multiple, limit=limit,
+      log=_log)
+  return steps[batch, False], how
 
 
 def main(argv):

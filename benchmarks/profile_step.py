@@ -18,11 +18,9 @@ import collections
 import glob
 import gzip
 import json
-import math
 import os
 import re
 import sys
-from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,6 +29,7 @@ from absl import flags
 import jax
 
 from cvc_jax import benchmark
+from hlo_reading import Hlo, read_hlo  # pylint: disable=g-bad-import-order
 
 FLAGS = flags.FLAGS
 benchmark.define_flags()
@@ -45,76 +44,6 @@ _FLOOR_GBS = flags.DEFINE_float(
     "H200's rated memory bandwidth) and cuDNN padded no channels (`step_floor`).")
 _HLO_OUT = flags.DEFINE_string(
     "hlo_out", None, "Also write the optimised HLO here, to read the trace elsewhere.")
-
-# `name = type[shape] opcode(operands), window={...}, dim_labels=..., metadata=...`;
-# a custom call's type is a tuple: `(bf16[...]{...}, u8[...]{0})`.
-_HLO_LINE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^)]*\)|\S+) ([\w\-]+)\((.*)$")
-
-
-def hlo_ops(hlo_text: str) -> dict[str, str]:
-  """Instruction name -> "opcode result-shape [window] <- jax op" for every op."""
-  ops = {}
-  for line in hlo_text.splitlines():
-    m = _HLO_LINE.match(line)
-    if not m:
-      continue
-    name, shape, opcode, rest = m.groups()
-    desc = [opcode, shape]
-    for key in ("kind", "window", "dim_labels", "calls", "custom_call_target"):
-      found = re.search(key + r"=(\{[^}]*\}|\"[^\"]*\"|[\w.\->]+)", rest)
-      if found:
-        desc.append(f"{key}={found.group(1)}")
-    found = re.search(r'op_name="([^"]*)"', rest)
-    if found:
-      desc.append("<- " + found.group(1)[-90:])
-    ops[name] = " ".join(desc)
-  return ops
-
-
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-          "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-
-
-def _shape_bytes(shape: str) -> int:
-  """Bytes of an HLO shape (`bf16[96,16]{1,0}`, or a tuple of them), leaving out
-  u8 arrays: the scratch space a cuDNN call returns beside its result."""
-  total = 0
-  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
-    if dtype in _BYTES and dtype != "u8":
-      total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-  return total
-
-
-def op_bytes(hlo_text: str) -> dict[str, int]:
-  """Instruction name -> bytes of its operands and result: what an op that reads
-  each operand once and writes its result once moves (a fusion's broadcast
-  vectors and re-reads aside)."""
-  shapes, operands = {}, {}
-  for line in hlo_text.splitlines():
-    m = _HLO_LINE.match(line)
-    if m:
-      name, shape, _, rest = m.groups()
-      shapes[name] = shape
-      operands[name] = re.findall(r"%([\w.\-]+)", rest.partition(")")[0])
-  return {name: _shape_bytes(shapes[name]) + sum(_shape_bytes(shapes.get(o, ""))
-                                                  for o in args)
-          for name, args in operands.items()}
-
-
-def kernel_sharers(hlo_text: str) -> dict[str, list[str]]:
-  """Op name -> the other ops that run the same compiled kernel.
-
-  XLA compiles identical fusions once (their `deduplicated_name` is the same);
-  inside a command buffer their kernels' trace events all carry one name, so
-  the time `op_times` gives such an op is that of the whole group.
-  """
-  groups = collections.defaultdict(list)
-  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?deduplicated_name="([^"]+)"',
-                       hlo_text, re.M):
-    groups[m.group(2)].append(m.group(1))
-  return {name: [o for o in group if o != name]
-          for group in groups.values() if len(group) > 1 for name in group}
-
 
 def step_part(desc: str) -> str:
   """Which part of the train step an op of `hlo_ops` belongs to, by its JAX op name.
@@ -185,17 +114,6 @@ def op_times(logdir: str, known=frozenset()) -> tuple[collections.Counter,
     for e in complete:
       times[e["name"]] += e["dur"]
   return times, runs, kernels
-
-
-class Hlo(NamedTuple):
-  """What the table reads from the optimised HLO, per op name."""
-  ops: dict[str, str]  # `hlo_ops`
-  nbytes: dict[str, int]  # `op_bytes`
-  sharers: dict[str, list[str]]  # `kernel_sharers`
-
-
-def read_hlo(hlo_text: str) -> Hlo:
-  return Hlo(hlo_ops(hlo_text), op_bytes(hlo_text), kernel_sharers(hlo_text))
 
 
 def _on_gpu(kernels, ops) -> bool:

@@ -277,18 +277,86 @@ def _unpadded(config):
   return config
 
 
-def step_flops(config) -> float:
-  """`jaxpr_flops` of one train step of `config`, traced from shapes alone (nothing
-  is allocated or compiled): what the benchmark's MFU counts, for any batch."""
-  config = _unpadded(config)
+def abstract_inputs(config, replicated=None, batch_sharding=None):
+  """The train state, batch and key of one step of `config` as shapes (nothing is
+  allocated): state and key placed by `replicated`, the batch by `batch_sharding`
+  (None: no placement)."""
   b, t = config.batch_size, config.input.num_frames
   (h, w), s = config.input.raw_size, config.input.crop_size
   state = jax.eval_shape(lambda rng: pretrain.create_train_state(
       config, rng, (b, CLIPS_PER_VIDEO, t, s, s, 3), 1), jax.random.key(0))
   batch = {"frames": jax.ShapeDtypeStruct((b, 2 * t, h, w, 3), np.uint8),
            "sizes": jax.ShapeDtypeStruct((b, 2), np.int32)}
-  jaxpr = jax.make_jaxpr(_step_fn(config, 1))(state, batch, jax.random.key(1))
-  return jaxpr_flops(jaxpr)
+  rng = jax.eval_shape(lambda: jax.random.key(1))
+  place = lambda tree, sharding: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+  return place(state, replicated), place(batch, batch_sharding), place(rng, replicated)
+
+
+def step_shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
+  """(replicated, batch) placements on the 1-D `data` mesh: the state and key
+  replicated, the batch split along its first axis."""
+  return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+
+def jitted_step(config, mesh: Mesh, steps_per_epoch: int = 1):
+  """The step as `TrainStep` compiles it, placed by `step_shardings`, the state
+  donated."""
+  replicated, batch_sharding = step_shardings(mesh)
+  return jax.jit(_step_fn(config, steps_per_epoch), donate_argnums=(0,),
+                 in_shardings=(replicated, batch_sharding, replicated),
+                 out_shardings=(replicated, replicated))
+
+
+def step_flops(config) -> float:
+  """`jaxpr_flops` of one train step of `config`, traced from shapes alone (nothing
+  is allocated or compiled): what the benchmark's MFU counts, for any batch."""
+  config = _unpadded(config)
+  return jaxpr_flops(jax.make_jaxpr(_step_fn(config, 1))(*abstract_inputs(config)))
+
+
+def largest_batch(need, *, min_batch: int, max_batch: int, multiple: int,
+                  limit: float, log=print) -> tuple[int, int, str]:
+  """The largest batch whose step needs at most `limit` bytes: (batch, its bytes,
+  how it was found).
+
+  `need(batch, probe)` compiles the step at `batch` and gives the bytes one
+  device needs by XLA's memory analysis; `probe` marks the two compilations that
+  only size the memory. Memory grows linearly in the batch, so `min_batch` and
+  `2 * min_batch` give the batch under `limit`, rounded down to `multiple`; it is
+  stepped down while its own analysis is over. With `max_batch <= min_batch`
+  there are no probes: `min_batch` is compiled once.
+  """
+  batch = min_batch
+  if max_batch > min_batch:
+    b1, b2 = min_batch, 2 * min_batch
+    m1, m2 = need(b1, True), need(b2, True)
+    per_video = max((m2 - m1) / (b2 - b1), 1.0)
+    batch = int(b1 + (limit - m1) / per_video) // multiple * multiple
+    batch = max(min(batch, max_batch), min_batch)
+    log(f"Memory at batch {b1}: {m1 / 2**30:.2f} GiB, at {b2}: {m2 / 2**30:.2f} "
+        f"GiB; limit {limit / 2**30:.2f} GiB -> batch {batch}.")
+  while True:
+    nbytes = need(batch, False)
+    if nbytes <= limit or batch - multiple < min_batch:
+      break
+    log(f"Batch {batch} needs {nbytes / 2**30:.2f} GiB: trying {batch - multiple}.")
+    batch -= multiple
+  how = (f"largest batch (multiple of {multiple}) within {limit / 2**30:.1f} GiB by "
+         f"XLA memory analysis: {nbytes / 2**30:.2f} GiB")
+  if max_batch <= min_batch:
+    how = f"batch as asked; {nbytes / 2**30:.2f} GiB by XLA memory analysis"
+  if nbytes > limit:
+    how = f"batch {batch} needs {nbytes / 2**30:.2f} GiB, over {limit / 2**30:.1f} GiB"
+  return batch, nbytes, how
+
+
+def compiled_bytes(compiled) -> int:
+  """Bytes one device needs for a compiled program, by XLA's memory analysis:
+  arguments + outputs + temporaries - donated (aliased) buffers."""
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes +
+             m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
 class TrainStep:
@@ -312,7 +380,7 @@ class TrainStep:
     self.config, self.log = config, log
     self.devices = jax.devices()
     mesh = Mesh(np.asarray(self.devices), ("data",))
-    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    replicated, batch_sharding = step_shardings(mesh)
     b, t = config.batch_size, config.input.num_frames
     if b % len(self.devices):
       raise ValueError(f"batch_size {b} must be divisible by the {len(self.devices)} "
@@ -334,9 +402,7 @@ class TrainStep:
         "sizes": jax.device_put(np.tile(np.int32([h, w]), (b, 1)), batch_sharding)}
     self.rng = jax.device_put(jax.random.key(config.seed + 1), replicated)
 
-    p_step = jax.jit(_step_fn(config, steps_per_epoch), donate_argnums=(0,),
-                     in_shardings=(replicated, batch_sharding, replicated),
-                     out_shardings=(replicated, replicated))
+    p_step = jitted_step(config, mesh, steps_per_epoch)
     log(f"Compiling the step: {b} videos on {len(self.devices)} x "
         f"{self.devices[0].device_kind}.")
     start = time.perf_counter()

@@ -191,6 +191,7 @@ def test_gpu_script_runs_its_stages_on_cpu(tmp_path):
 
 def test_profile_reads_device_time_per_op_from_a_gpu_trace(tmp_path, capsys):
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import hlo_reading  # pylint: disable=g-import-not-at-top
   import profile_step  # pylint: disable=g-import-not-at-top
   # A cuDNN convolution as the optimised HLO of a GPU step writes it, and two
   # identical fusions that XLA compiled once (one deduplicated_name).
@@ -206,17 +207,17 @@ def test_profile_reads_device_time_per_op_from_a_gpu_trace(tmp_path, capsys):
          'calls=%fused_1, metadata={deduplicated_name="loop_fusion.1"}\n'
          '  ROOT %input_reduce_fusion = f32[1000]{0} fusion(%loop_fusion.2), kind=kInput, '
          'calls=%f\n')
-  ops = profile_step.hlo_ops(hlo)
+  ops = hlo_reading.hlo_ops(hlo)
   assert ops["cudnn-conv.2"].startswith("custom-call (bf16[96,16,56,56,45]")
   assert "dim_labels=b012f_o012i->b012f" in ops["cudnn-conv.2"]
   assert 'custom_call_target="__cudnn$convForward"' in ops["cudnn-conv.2"]
   assert "kind=kLoop" in ops["loop_fusion.1"]
   assert profile_step.step_part(ops["cudnn-conv.2"]) == "forward"
-  nbytes = profile_step.op_bytes(hlo)
+  nbytes = hlo_reading.op_bytes(hlo)
   assert nbytes["loop_fusion.1"] == 4_000_000  # reads and writes 1000 x 1000 bf16
   assert nbytes["input_reduce_fusion"] == 2_004_000
   assert nbytes["cudnn-conv.2"] == 96 * 16 * 56 * 56 * 45 * 2  # not its u8 scratch
-  assert profile_step.kernel_sharers(hlo) == {"loop_fusion.1": ["loop_fusion.2"],
+  assert hlo_reading.kernel_sharers(hlo) == {"loop_fusion.1": ["loop_fusion.2"],
                                               "loop_fusion.2": ["loop_fusion.1"]}
   trace = tmp_path / "plugins" / "profile" / "run" / "host.trace.json.gz"
   trace.parent.mkdir(parents=True)
@@ -262,6 +263,107 @@ def test_profile_reads_device_time_per_op_from_a_gpu_trace(tmp_path, capsys):
   assert profile_step.op_times(str(tmp_path), ops.keys()) == ({"fusion.1": 900}, {}, {})
 
 
+def test_kernel_traffic_sums_kernels_by_kind_through_loops_and_branches():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import hlo_reading  # pylint: disable=g-import-not-at-top
+  mib = "bf16[1024,512]{1,0}"  # 1 MiB
+  hlo = (f"%body (p: {mib}) -> {mib} {{\n"
+         f"  %p = {mib} parameter(0)\n"
+         f"  ROOT %loop_fusion.9 = {mib} fusion(%p), kind=kLoop, calls=%f9\n}}\n\n"
+         f"%cond (p: {mib}) -> pred[] {{\n"
+         f"  %p = {mib} parameter(0)\n"
+         "  ROOT %c = pred[] constant(false)\n}\n\n"
+         f"%yes (p: {mib}) -> {mib} {{\n"
+         f"  %p = {mib} parameter(0)\n"
+         f"  ROOT %copy.1 = {mib} copy(%p)\n}}\n\n"
+         f"%no (p: {mib}) -> {mib} {{\n"
+         f"  ROOT %p = {mib} parameter(0)\n}}\n\n"
+         f"ENTRY %main (a: {mib}, k: bf16[3,3,512,512]) -> {mib} {{\n"
+         f"  %a = {mib} parameter(0)\n"
+         "  %k = bf16[3,3,512,512]{3,2,1,0} parameter(1)\n"
+         f"  %conv = ({mib}, u8[4096]{{0}}) custom-call(%a, %k), "
+         'custom_call_target="__cudnn$convForward"\n'
+         f"  %gte = {mib} get-tuple-element(%conv), index=0\n"
+         f"  %loop_fusion = {mib} fusion(%gte, %a), kind=kLoop, calls=%f1\n"
+         "  %input_reduce_fusion = f32[512]{0} fusion(%loop_fusion), kind=kInput, "
+         "calls=%f2\n"
+         f"  %w = {mib} while(%loop_fusion), condition=%cond, body=%body\n"
+         "  %i = s32[] constant(0)\n"
+         f"  ROOT %b = {mib} conditional(%i, %w, %w), branch_computations={{%yes, %no}}"
+         "\n}\n")
+  traffic = hlo_reading.kernel_traffic(hlo)
+  m = 2**20 / 1e9
+  assert traffic.keys() == {"cuDNN convolutions", "XLA elementwise fusions",
+                            "XLA reductions and transposes", "copies"}
+  conv = traffic["cuDNN convolutions"]
+  assert conv["ops"] == 1 and conv["gb"] == pytest.approx(2 * m + 9 * 512 * 512 * 2 / 1e9)
+  # The entry's fusion (2 reads, 1 write) and the loop body's (1 and 1), once each.
+  assert traffic["XLA elementwise fusions"] == {"ops": 2, "gb": pytest.approx(5 * m)}
+  assert traffic["XLA reductions and transposes"] == {
+      "ops": 1, "gb": pytest.approx(m + 512 * 4 / 1e9)}
+  assert traffic["copies"] == {"ops": 1, "gb": pytest.approx(2 * m)}  # a branch's
+
+
+def test_largest_batch_extrapolates_from_two_probes_and_steps_down():
+  calls = []
+
+  def need(batch, probe):  # 2 GiB + 0.5 GiB a video, and 1 GiB more past 40
+    calls.append((batch, probe))
+    return (2 + 0.5 * batch + (batch > 40)) * 2**30
+
+  batch, nbytes, how = benchmark.largest_batch(
+      need, min_batch=16, max_batch=1024, multiple=8, limit=24.5 * 2**30, log=str)
+  # The probes say 45 videos fit, so 40 (a multiple of 8), which does: 22 GiB.
+  assert (batch, nbytes) == (40, 22 * 2**30) and calls == [(16, True), (32, True),
+                                                          (40, False)]
+  assert "within 24.5 GiB" in how and "22.00 GiB" in how
+  calls.clear()
+  batch, nbytes, _ = benchmark.largest_batch(
+      need, min_batch=16, max_batch=1024, multiple=4, limit=24.5 * 2**30, log=str)
+  # 44 by the probes, but 25 GiB there (the step up past 40): one step down.
+  assert (batch, nbytes) == (40, 22 * 2**30)
+  assert calls == [(16, True), (32, True), (44, False), (40, False)]
+  calls.clear()
+  batch, _, how = benchmark.largest_batch(need, min_batch=16, max_batch=16, multiple=8,
+                                          limit=4 * 2**30, log=str)
+  assert batch == 16 and calls == [(16, False)] and "over 4.0 GiB" in how
+
+
+def test_gpu_aot_compiles_the_step_for_a_device_from_shapes(monkeypatch):
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import gpu_aot  # pylint: disable=g-import-not-at-top
+  config = reference.get_config("runlocal")
+  config.dtype = "bfloat16"
+  card = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+  on_card = gpu_aot.for_device(config, card, 24, "blocks")
+  assert (on_card.batch_size, on_card.remat) == (24, "blocks")
+  assert on_card.model.encoder.conv_impl == "3d"
+  assert on_card.model.encoder.stem_impl == "space_to_depth"
+  here = gpu_aot.for_device(config, jax.devices()[0], 2, "none")
+  assert (here.model.encoder.conv_impl, here.model.encoder.stem_impl) == ("2d1d", "conv")
+  # One compilation for this CPU, nothing allocated: what the step needs by
+  # XLA's analysis, and the kernels it runs.
+  with pytest.raises(ValueError, match="multiples of the 8 devices"):
+    gpu_aot.compare(config, jax.devices(), remats=["none"], limit_bytes=2**30,
+                    min_batch=2, max_batch=2, multiple=2)
+  rows = gpu_aot.compare(config, jax.devices()[:1], remats=["none"], limit_bytes=2**30,
+                         min_batch=2, max_batch=2, multiple=2)
+  (row,) = rows
+  assert row["batch"] == 2 and 0.005 < row["gib"] < 1 and row["convolutions"] > 0
+  assert row["traffic_gb"]["XLA elementwise fusions"] > 0
+  table = gpu_aot.format_rows(rows, 2, "1 x cpu")
+  assert re.search(r"\| none \| [\d.]+ \| nan \| nan \| 2 \([\d.]+\) \| \d+ \|", table)
+  # A GPU target needs jax's CUDA plugin; without it the error says what to install.
+  try:
+    devices, limit_gb = gpu_aot.target_devices("h100")
+  except gpu_aot.app.UsageError as e:
+    assert f"jax-cuda12-plugin[with-cuda]=={jax.__version__}" in str(e)
+  else:
+    assert devices[0].device_kind == "NVIDIA H100 80GB HBM3" and limit_gb == 75.2
+  with pytest.raises(gpu_aot.app.UsageError, match="'local' or a file"):
+    gpu_aot.target_devices("h101")
+
+
 def test_time_views_builds_the_views_of_a_config_per_call():
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   import time_views  # pylint: disable=g-import-not-at-top
@@ -293,7 +395,7 @@ def test_gpu_path_imports_without_tensorflow_clu_grain():
       "import cvc_jax.benchmark, cvc_jax.pretrain, cvc_jax.views, cvc_jax.losses\n"
       "import cvc_jax.models.cvc, cvc_jax.models.heads, cvc_jax.models.resnet3d\n"
       "sys.path.insert(0, 'benchmarks')\n"
-      "import fit_batch, summarize, time_views\n"
+      "import fit_batch, gpu_aot, hlo_reading, summarize, time_views\n"
       "print('ok')")], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
@@ -496,6 +598,8 @@ def test_space_to_depth_refuses_other_strides_and_names():
 def test_auto_conv_impl_is_2d1d_on_cpu():
   assert resnet3d.resolve_conv_impl("auto") == "2d1d"
   assert resnet3d.resolve_conv_impl("3d") == "3d"
+  card = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+  assert resnet3d.resolve_conv_impl("auto", card) == "3d"  # a device named
   with pytest.raises(ValueError, match="conv_impl"):
     resnet3d.resolve_conv_impl("2d")
 
@@ -513,6 +617,10 @@ def test_auto_stem_impl_is_space_to_depth_for_16_bit_on_nvidia(monkeypatch):
   card.device_kind = "AMD Instinct MI300X"
   assert resnet3d.resolve_stem_impl("auto", "bfloat16") == "conv"
   monkeypatch.undo()
+  # A device named, not the default one: what gpu_aot.py compiles for.
+  card.device_kind = "NVIDIA H100 80GB HBM3"
+  assert resnet3d.resolve_stem_impl("auto", "bfloat16", device=card) == "space_to_depth"
+  assert models.conv_compiler_options("bfloat16", card) == {"xla_gpu_force_conv_nhwc": True}
   with pytest.raises(ValueError, match="stem_impl must be one of"):
     resnet3d.resolve_stem_impl("s2d")
 

@@ -39,7 +39,9 @@ def jit_init(fn, **jit_kwargs):
 GPU_16BIT_CONV_COMPILER_OPTIONS = {"xla_gpu_force_conv_nhwc": True}
 
 
-def conv_compiler_options(dtype) -> dict | None:
-  """XLA options for a program whose convolutions compute in `dtype`:
-  `GPU_16BIT_CONV_COMPILER_OPTIONS` for 16-bit dtypes on NVIDIA GPUs, else None."""
-  return GPU_16BIT_CONV_COMPILER_OPTIONS if resnet3d.nvidia_16bit(dtype) else None
+def conv_compiler_options(dtype, device=None) -> dict | None:
+  """XLA options for a program whose convolutions compute in `dtype` on `device`
+  (default: the first of `jax.devices()`): `GPU_16BIT_CONV_COMPILER_OPTIONS` for
+  16-bit dtypes on NVIDIA GPUs, else None."""
+  return (GPU_16BIT_CONV_COMPILER_OPTIONS if resnet3d.nvidia_16bit(dtype, device)
+          else None)

@@ -147,32 +147,37 @@ REMAT_POLICIES = {"none": None, "blocks": jax.checkpoint_policies.nothing_saveab
                   "dots": jax.checkpoint_policies.dots_saveable}
 
 
-def resolve_conv_impl(conv_impl: str) -> str:
-  """`conv_impl` with 'auto' decided for the default backend: '3d', '3d_pad8' or '2d1d'."""
+# The 'auto' forms below are decided for a device: by default the first of
+# `jax.devices()`, or one given, such as a device of a GPU topology that
+# `benchmarks/gpu_aot.py` compiles for on a machine without that GPU.
+
+
+def resolve_conv_impl(conv_impl: str, device=None) -> str:
+  """`conv_impl` with 'auto' decided for `device`: '3d', '3d_pad8' or '2d1d'."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
   if conv_impl == "auto":
-    return "2d1d" if jax.default_backend() == "cpu" else "3d"
+    return "2d1d" if (device or jax.devices()[0]).platform == "cpu" else "3d"
   return conv_impl
 
 
-def nvidia_16bit(dtype) -> bool:
-  """Whether the default device is an NVIDIA GPU and `dtype` 16-bit: where cuDNN
-  runs convolutions on the tensor cores, channels-last."""
-  device = jax.devices()[0]
+def nvidia_16bit(dtype, device=None) -> bool:
+  """Whether `device` is an NVIDIA GPU and `dtype` 16-bit: where cuDNN runs
+  convolutions on the tensor cores, channels-last."""
+  device = device or jax.devices()[0]
   return (device.platform == "gpu" and device.device_kind.startswith("NVIDIA")
           and jnp.dtype(dtype).itemsize == 2)
 
 
 def resolve_stem_impl(stem_impl: str, dtype=jnp.float32,
-                      strides: Sequence[int] = (1, 2, 2)) -> str:
-  """`stem_impl` with 'auto' decided for the default device, the compute `dtype`
-  and the stem's `strides`: 'space_to_depth' or 'conv' (`STEM_IMPLS`)."""
+                      strides: Sequence[int] = (1, 2, 2), device=None) -> str:
+  """`stem_impl` with 'auto' decided for `device`, the compute `dtype` and the
+  stem's `strides`: 'space_to_depth' or 'conv' (`STEM_IMPLS`)."""
   if stem_impl not in STEM_IMPLS:
     raise ValueError(f"stem_impl must be one of {STEM_IMPLS}, got {stem_impl!r}.")
   if stem_impl == "auto":
-    return ("space_to_depth" if nvidia_16bit(dtype) and tuple(strides[1:]) == (2, 2)
-            else "conv")
+    return ("space_to_depth" if nvidia_16bit(dtype, device)
+            and tuple(strides[1:]) == (2, 2) else "conv")
   return stem_impl
 
 
