@@ -221,11 +221,18 @@ python3 -c "import torchvision" 2>/dev/null || ENCODER=--encoder=ours
 #    result against a reference (level 3 of 4; FIT_AUTOTUNE=4 restores it), the
 #    part of autotuning XLA's authors found could multiply its time (XLA_FLAGS
 #    shows in the JSON's notes).
+#    FIT_AT=N (stage 4) and REMAT_AT=N (stage 5) compile batch N alone, without the
+#    two probe compilations (about 100 s on an H100): the batch that
+#    `benchmarks/gpu_aot.py` found by compiling for the card on a machine without
+#    it (an H100 SXM: 40, and 72 with remat=dots; benchmarks/RESULTS.md).
 FIT_XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=${FIT_AUTOTUNE:-3}"
+fit_flags() {  # fit_flags [N]: fit_batch.py's batch flags, batch N alone if given
+  if [[ -n "${1:-}" ]]; then echo "--min_batch=$1 --max_batch=$1 $LIMIT"; else echo "$FIT"; fi
+}
 if [[ " $STAGES " == *" 4 "* ]]; then
   XLA_FLAGS=$FIT_XLA_FLAGS stage jax_bf16_fit 600 python3 benchmarks/fit_batch.py \
-      --config="$CONFIG" --config.dtype=bfloat16 $FIT --steps="$STEPS" \
-      --json="$OUT/4_jax_bf16_fit.json"
+      --config="$CONFIG" --config.dtype=bfloat16 $(fit_flags "${FIT_AT:-}") \
+      --steps="$STEPS" --json="$OUT/4_jax_bf16_fit.json"
 fi
 
 # 11) PyTorch tuned at the batch stage 4 found (read from its JSON, or FIT_BATCH=N
@@ -245,8 +252,8 @@ fi
 #    convolution outputs): a larger batch in the same memory.
 if [[ " $STAGES " == *" 5 "* ]]; then
   XLA_FLAGS=$FIT_XLA_FLAGS stage jax_bf16_remat 600 python3 benchmarks/fit_batch.py \
-      --config="$CONFIG" --config.dtype=bfloat16 --remat="$REMAT" $FIT --steps="$STEPS" \
-      --json="$OUT/5_jax_bf16_remat.json"
+      --config="$CONFIG" --config.dtype=bfloat16 --remat="$REMAT" \
+      $(fit_flags "${REMAT_AT:-}") --steps="$STEPS" --json="$OUT/5_jax_bf16_remat.json"
 fi
 
 # 6) JAX, bf16, at BATCH, convolutions in the 2D + 1D form.
