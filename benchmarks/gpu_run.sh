@@ -223,7 +223,7 @@ python3 -c "import torchvision" 2>/dev/null || ENCODER=--encoder=ours
 #    shows in the JSON's notes).
 #    FIT_AT=N (stage 4) and REMAT_AT=N (stage 5) compile batch N alone, without the
 #    two probe compilations (about 100 s on an H100): the batch that
-#    `benchmarks/gpu_aot.py` found by compiling for the card on a machine without
+#    `benchmarks/compile_for.py` found by compiling for the card on a machine without
 #    it (an H100 SXM: 40, and 72 with remat=dots; benchmarks/RESULTS.md).
 FIT_XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=${FIT_AUTOTUNE:-3}"
 fit_flags() {  # fit_flags [N]: fit_batch.py's batch flags, batch N alone if given

@@ -1,7 +1,7 @@
 """Reading XLA's optimised HLO text: each op's shape and origin, the bytes it
 moves, the ops that share a kernel, and what a step's kernels move in all.
 
-Shared by `profile_step.py` (a trace's ops, named and sized) and `gpu_aot.py`
+Shared by `profile_step.py` (a trace's ops, named and sized) and `compile_for.py`
 (a program compiled for a GPU this machine lacks); no flags, no devices.
 """
 

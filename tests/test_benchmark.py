@@ -329,39 +329,48 @@ def test_largest_batch_extrapolates_from_two_probes_and_steps_down():
   assert batch == 16 and calls == [(16, False)] and "over 4.0 GiB" in how
 
 
-def test_gpu_aot_compiles_the_step_for_a_device_from_shapes(monkeypatch):
+def test_compile_for_compiles_the_step_for_a_device_from_shapes(monkeypatch):
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-  import gpu_aot  # pylint: disable=g-import-not-at-top
+  import compile_for  # pylint: disable=g-import-not-at-top
   config = reference.get_config("runlocal")
   config.dtype = "bfloat16"
   card = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
-  on_card = gpu_aot.for_device(config, card, 24, "blocks")
+  on_card = compile_for.for_device(config, card, 24, "blocks")
   assert (on_card.batch_size, on_card.remat) == (24, "blocks")
   assert on_card.model.encoder.conv_impl == "3d"
   assert on_card.model.encoder.stem_impl == "space_to_depth"
-  here = gpu_aot.for_device(config, jax.devices()[0], 2, "none")
+  here = compile_for.for_device(config, jax.devices()[0], 2, "none")
   assert (here.model.encoder.conv_impl, here.model.encoder.stem_impl) == ("2d1d", "conv")
   # One compilation for this CPU, nothing allocated: what the step needs by
   # XLA's analysis, and the kernels it runs.
   with pytest.raises(ValueError, match="multiples of the 8 devices"):
-    gpu_aot.compare(config, jax.devices(), remats=["none"], limit_bytes=2**30,
+    compile_for.compare(config, jax.devices(), remats=["none"], limit_bytes=2**30,
                     min_batch=2, max_batch=2, multiple=2)
-  rows = gpu_aot.compare(config, jax.devices()[:1], remats=["none"], limit_bytes=2**30,
+  rows = compile_for.compare(config, jax.devices()[:1], remats=["none"], limit_bytes=2**30,
                          min_batch=2, max_batch=2, multiple=2)
   (row,) = rows
   assert row["batch"] == 2 and 0.005 < row["gib"] < 1 and row["convolutions"] > 0
   assert row["traffic_gb"]["XLA elementwise fusions"] > 0
-  table = gpu_aot.format_rows(rows, 2, "1 x cpu")
-  assert re.search(r"\| none \| [\d.]+ \| nan \| nan \| 2 \([\d.]+\) \| \d+ \|", table)
+  table = compile_for.format_rows(rows, 2, "1 x cpu")
+  assert re.search(r"\| none \| [\d.]+ \| - \| - \| 2 \([\d.]+\) \| \d+ \| [\d.]+ \| - \|",
+                   table), table
   # A GPU target needs jax's CUDA plugin; without it the error says what to install.
   try:
-    devices, limit_gb = gpu_aot.target_devices("h100")
-  except gpu_aot.app.UsageError as e:
+    devices, limit_gb = compile_for.target_devices("h100")
+  except compile_for.app.UsageError as e:
     assert f"jax-cuda12-plugin[with-cuda]=={jax.__version__}" in str(e)
   else:
     assert devices[0].device_kind == "NVIDIA H100 80GB HBM3" and limit_gb == 75.2
-  with pytest.raises(gpu_aot.app.UsageError, match="'local' or a file"):
-    gpu_aot.target_devices("h101")
+  with pytest.raises(compile_for.app.UsageError, match="'tpu:TOPOLOGY', 'local' or a file"):
+    compile_for.target_devices("h101")
+  # A TPU slice needs libtpu; without it the error says so.
+  try:
+    devices, limit_gb = compile_for.target_devices("tpu:v5e:2x2")
+  except compile_for.app.UsageError as e:
+    assert f"jax[tpu]=={jax.__version__}" in str(e)
+  else:
+    assert len(devices) == 4 and devices[0].device_kind == "TPU v5 lite"
+    assert limit_gb == 16.0
 
 
 def test_time_views_builds_the_views_of_a_config_per_call():
@@ -395,7 +404,7 @@ def test_gpu_path_imports_without_tensorflow_clu_grain():
       "import cvc_jax.benchmark, cvc_jax.pretrain, cvc_jax.views, cvc_jax.losses\n"
       "import cvc_jax.models.cvc, cvc_jax.models.heads, cvc_jax.models.resnet3d\n"
       "sys.path.insert(0, 'benchmarks')\n"
-      "import fit_batch, gpu_aot, hlo_reading, summarize, time_views\n"
+      "import fit_batch, compile_for, hlo_reading, summarize, time_views\n"
       "print('ok')")], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
@@ -617,7 +626,7 @@ def test_auto_stem_impl_is_space_to_depth_for_16_bit_on_nvidia(monkeypatch):
   card.device_kind = "AMD Instinct MI300X"
   assert resnet3d.resolve_stem_impl("auto", "bfloat16") == "conv"
   monkeypatch.undo()
-  # A device named, not the default one: what gpu_aot.py compiles for.
+  # A device named, not the default one: what compile_for.py compiles for.
   card.device_kind = "NVIDIA H100 80GB HBM3"
   assert resnet3d.resolve_stem_impl("auto", "bfloat16", device=card) == "space_to_depth"
   assert models.conv_compiler_options("bfloat16", card) == {"xla_gpu_force_conv_nhwc": True}

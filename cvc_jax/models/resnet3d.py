@@ -149,7 +149,7 @@ REMAT_POLICIES = {"none": None, "blocks": jax.checkpoint_policies.nothing_saveab
 
 # The 'auto' forms below are decided for a device: by default the first of
 # `jax.devices()`, or one given, such as a device of a GPU topology that
-# `benchmarks/gpu_aot.py` compiles for on a machine without that GPU.
+# `benchmarks/compile_for.py` compiles for on a machine without that GPU.
 
 
 def resolve_conv_impl(conv_impl: str, device=None) -> str:

@@ -1,29 +1,34 @@
-r"""The train step compiled for a GPU this machine does not have: memory and traffic.
+r"""The train step compiled for an accelerator this machine lacks: memory and traffic.
 
-    pip install "jax-cuda12-plugin[with-cuda]==$(python -c 'import jax; print(jax.__version__)')" \
-        "jax-cuda12-pjrt==$(python -c 'import jax; print(jax.__version__)')"   # 4.9 GB, once
-    python benchmarks/gpu_aot.py --config=configs/ucf101.py --config.dtype=bfloat16 \
+    # a GPU: jax's CUDA plugin at jax's version (4.9 GB with CUDA's libraries), once
+    pip install "jax-cuda12-plugin[with-cuda]==$JAX" "jax-cuda12-pjrt==$JAX"
+    python benchmarks/compile_for.py --config=configs/ucf101.py --config.dtype=bfloat16 \
         --target=h100 --remats=none,dots,blocks [--json=FILE] [--hlo_dir=DIR]
+    # a TPU slice: the libtpu that jax[tpu] pins ("pip install jax[tpu]==$JAX" says)
+    python benchmarks/compile_for.py --config=configs/ucf101.py --config.dtype=bfloat16 \
+        --target=tpu:v5e:2x2
 
-XLA compiles for a GPU from a description of it (a `GpuTargetConfig`: core
-count, memory, compute capability, cuDNN version), with no device present:
-jax's deviceless ahead-of-time compilation (`jax.experimental.topologies`, the
-CUDA plugin installed, nothing run). For each rematerialisation policy in
-`--remats` this compiles the step of `python -m cvc_jax.benchmark` at
-`--min_batch` and twice that, finds the largest batch under `--fraction` of
-the card's memory limit as `benchmarks/fit_batch.py` does on the card
+XLA compiles for a device from a description of it, with none present: jax's
+deviceless ahead-of-time compilation (`jax.experimental.topologies`; for a GPU a
+`GpuTargetConfig` with its core count, memory, compute capability and cuDNN
+version, for a TPU the topology's name). Nothing runs. For each
+rematerialisation policy in `--remats` this compiles the step of `python -m
+cvc_jax.benchmark` at `--min_batch` (the global batch, split over the target's
+devices) and twice that, finds the largest batch under `--fraction` of a
+device's memory limit as `benchmarks/fit_batch.py` does on the device
 (`benchmark.largest_batch`, by XLA's memory analysis), compiles that batch, and
 prints a table: the memory at each batch, per video, the largest batch, the
-convolutions the compiled program calls (rematerialisation adds forward ones)
-and the gigabytes its kernels move per step at `--min_batch`
-(`hlo_reading.kernel_traffic`). Cheaper than a card for the questions of memory
-and fusion: what a batch needs, whether remat buys one, what a change to the
-model's code does to the bytes XLA's kernels move (the step is bandwidth-bound
-on an H100).
+convolutions the program at `--min_batch` runs (rematerialisation adds forward
+ones) and what one device's kernels move per step: on a GPU from the optimised
+HLO (`hlo_reading.kernel_traffic`, XLA's kernels and cuDNN's apart), on a TPU
+XLA's cost analysis ("bytes accessed"). Cheaper than a card for the questions
+of memory and fusion: what a batch needs, whether remat buys one, what a change
+to the model's code does to the bytes XLA's kernels move (the step is
+bandwidth-bound on an H100), and whether the step compiles for a TPU at all.
 
-What the compile cannot see: cuDNN's choice of algorithm (autotuning runs on
-the card; here every convolution takes its heuristic choice, as `fit_batch.py`'s
-probes do with autotuning off), so no times and no workspace beyond the
+What the compile cannot see: times, and on a GPU cuDNN's choice of algorithm
+(autotuning runs on the card; here every convolution takes its heuristic choice,
+as `fit_batch.py`'s probes do with autotuning off), so no workspace beyond the
 heuristic's. Checked against the H100 (benchmarks/RESULTS.md): stage 4's probes
 on the card gave 23.02 and 45.55 GiB at 16 and 32 videos, this 23.01 and 45.55;
 its trace's XLA kernels moved 72.9 GB (elementwise) and 40.7 GB (reductions) per
@@ -90,6 +95,11 @@ runtime_version { major: 12 minor: 9 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
 TARGETS = {"h100": (H100_SXM, 75.2)}  # name: (GpuTargetConfig text, memory limit GiB)
+# HBM per chip in GiB (Google Cloud's TPU system-architecture pages), the memory
+# limit of a TPU target, by its lower-cased device_kind, first match wins. A v4
+# topology compiled without a device has one device per TensorCore, half a chip,
+# so it is left out: pass --memory_limit_gb.
+TPU_HBM_GIB = (("tpu v5 lite", 16.0), ("tpu v5", 95.0), ("tpu v6 lite", 32.0))
 
 FLAGS = flags.FLAGS
 
@@ -100,8 +110,9 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Pretraining config.",
                                   lock_config=True)
   flags.DEFINE_string(
-      "target", "h100", f"A GPU of {sorted(TARGETS)}, 'local' (this machine's "
-      "devices) or a file holding a GpuTargetConfig in text form (then "
+      "target", "h100", f"A GPU of {sorted(TARGETS)}, 'tpu:TOPOLOGY' (a TPU slice "
+      "as jax names it: tpu:v5e:2x2, tpu:v5p:2x2x1, tpu:v6e:2x2), 'local' (this "
+      "machine's devices) or a file holding a GpuTargetConfig in text form (then "
       "--memory_limit_gb too).")
   flags.DEFINE_list("remats", ["none", "dots", "blocks"],
                     f"Policies of {sorted(resnet3d.REMAT_POLICIES)} to compare.")
@@ -121,17 +132,27 @@ def _log(message):
 
 
 def target_devices(target: str) -> tuple[list, float | None]:
-  """The devices to compile for and their memory limit in GiB (None: not known)."""
+  """The devices to compile for and one's memory limit in GiB (None: not known)."""
   if target == "local":
     return jax.devices(), None
+  if target.startswith("tpu:"):
+    try:
+      devices = topologies.get_topology_desc(target[4:], "tpu").devices
+    except Exception as e:  # pylint: disable=broad-except  (libtpu's own message)
+      raise app.UsageError(
+          f"Could not describe the TPU slice {target[4:]!r} ({e}). Deviceless TPU "
+          "compilation needs the libtpu that jax[tpu] pins for this jax: pip "
+          f"install 'jax[tpu]=={jax.__version__}'.") from e
+    kind = devices[0].device_kind.lower()
+    return devices, next((gib for k, gib in TPU_HBM_GIB if kind.startswith(k)), None)
   if target in TARGETS:
     config, limit_gb = TARGETS[target]
   elif os.path.exists(target):
     with open(target) as f:
       config, limit_gb = f.read(), None
   else:
-    raise app.UsageError(f"--target={target!r} is none of {sorted(TARGETS)}, 'local' "
-                         "or a file.")
+    raise app.UsageError(f"--target={target!r} is none of {sorted(TARGETS)}, "
+                         "'tpu:TOPOLOGY', 'local' or a file.")
   try:
     topology = topologies.get_topology_desc(platform="cuda", target_config=config,
                                             topology="1x1x1")
@@ -171,6 +192,20 @@ def compile_step(config, devices):
   return compiled, time.perf_counter() - start
 
 
+def program_traffic(compiled, platform: str) -> tuple[int | None, dict[str, float]]:
+  """(the convolution calls of a compiled step, the GB one device's kernels move
+  per step by kind). A GPU's come from its optimised HLO; a TPU fuses its
+  convolutions and writes matrix products as convolutions too, so only XLA's
+  cost analysis of the whole program is given, and no count."""
+  if platform == "tpu":
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return None, {"XLA (cost analysis)": cost["bytes accessed"] / 1e9}
+  traffic = hlo_reading.kernel_traffic(compiled.as_text())
+  calls = traffic.get("cuDNN convolutions") or traffic.get("convolution") or {"ops": 0}
+  return calls["ops"], {kind: t["gb"] for kind, t in sorted(traffic.items())}
+
+
 def compare(config, devices, *, remats, limit_bytes, min_batch, max_batch, multiple,
             hlo_dir=None) -> list[dict]:
   """One row per policy: memory at the probes and the largest batch, and what
@@ -198,13 +233,12 @@ def compare(config, devices, *, remats, limit_bytes, min_batch, max_batch, multi
         need, min_batch=min_batch, max_batch=max_batch, multiple=multiple,
         limit=limit_bytes, log=_log)
     first, first_s = compiled[min_batch]
-    traffic = hlo_reading.kernel_traffic(first.as_text())
+    convolutions, traffic = program_traffic(first, devices[0].platform)
     row = {"remat": remat, "batch": batch, "gib": nbytes / 2**30, "how": how,
            "gib_by_batch": {b: benchmark.compiled_bytes(c) / 2**30
                             for b, (c, _) in sorted(compiled.items())},
-           "convolutions": (traffic.get("cuDNN convolutions") or
-                            traffic.get("convolution") or {"ops": 0})["ops"],
-           "traffic_gb": {k: round(v["gb"], 2) for k, v in sorted(traffic.items())},
+           "convolutions": convolutions,
+           "traffic_gb": {k: round(gb, 2) for k, gb in traffic.items()},
            "compile_s": first_s}
     if max_batch > min_batch:
       row["gib_per_video"] = ((row["gib_by_batch"][2 * min_batch] -
@@ -214,10 +248,13 @@ def compare(config, devices, *, remats, limit_bytes, min_batch, max_batch, multi
 
 
 def format_rows(rows: list[dict], min_batch: int, kind: str) -> str:
-  """The comparison as a markdown table."""
+  """The comparison as a markdown table; batches are global, memory and traffic
+  one device's."""
   xla = lambda r: sum(v for k, v in r["traffic_gb"].items() if k.startswith("XLA"))
-  lines = [f"Compiled for {kind} (nothing run); memory by XLA's analysis; kernel "
-           f"traffic of the program at {min_batch} videos.", "",
+  cudnn = lambda r: r["traffic_gb"].get("cuDNN convolutions")
+  text = lambda value, spec: "-" if value is None else format(value, spec)
+  lines = [f"Compiled for {kind} (nothing run): one device's memory by XLA's "
+           f"analysis, its kernels' traffic in the program at {min_batch} videos.", "",
            f"| remat | GiB at {min_batch} | GiB at {2 * min_batch} | GiB per video | "
            "largest batch (GiB) | convolution calls | XLA kernels GB / step | "
            "cuDNN operands GB / step | compile s |",
@@ -225,11 +262,10 @@ def format_rows(rows: list[dict], min_batch: int, kind: str) -> str:
   for r in rows:
     at = r["gib_by_batch"]
     lines.append(
-        f"| {r['remat']} | {at[min_batch]:.2f} | "
-        f"{at.get(2 * min_batch, float('nan')):.2f} | "
-        f"{r.get('gib_per_video', float('nan')):.3f} | {r['batch']} ({r['gib']:.2f}) | "
-        f"{r['convolutions']} | {xla(r):.1f} | "
-        f"{r['traffic_gb'].get('cuDNN convolutions', 0.0):.1f} | {r['compile_s']:.0f} |")
+        f"| {r['remat']} | {at[min_batch]:.2f} | {text(at.get(2 * min_batch), '.2f')} | "
+        f"{text(r.get('gib_per_video'), '.3f')} | {r['batch']} ({r['gib']:.2f}) | "
+        f"{text(r['convolutions'], 'd')} | {xla(r):.1f} | {text(cudnn(r), '.1f')} | "
+        f"{r['compile_s']:.0f} |")
   return "\n".join(lines)
 
 
