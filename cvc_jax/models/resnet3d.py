@@ -148,8 +148,8 @@ REMAT_POLICIES = {"none": None, "blocks": jax.checkpoint_policies.nothing_saveab
 
 
 # The 'auto' forms below are decided for a device: by default the first of
-# `jax.devices()`, or one given, such as a device of a GPU topology that
-# `benchmarks/compile_for.py` compiles for on a machine without that GPU.
+# `jax.devices()`, or one given, such as a device of a GPU or TPU topology that
+# `benchmarks/compile_for.py` compiles for on a machine without that device.
 
 
 def resolve_conv_impl(conv_impl: str, device=None) -> str:
