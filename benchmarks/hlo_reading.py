@@ -2,7 +2,7 @@
 moves, the ops that share a kernel, and what a step's kernels move in all.
 
 Shared by `profile_step.py` (a trace's ops, named and sized) and `compile_for.py`
-(a program compiled for a GPU this machine lacks); no flags, no devices.
+(a program compiled for a device this machine lacks); no flags, no devices.
 """
 
 import collections
@@ -70,7 +70,7 @@ def kernel_sharers(hlo_text: str) -> dict[str, list[str]]:
 
   XLA compiles identical fusions once (their `deduplicated_name` is the same);
   inside a command buffer their kernels' trace events all carry one name, so
-  the time `op_times` gives such an op is that of the whole group.
+  the time `profile_step.op_times` gives such an op is that of the whole group.
   """
   groups = collections.defaultdict(list)
   for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?deduplicated_name="([^"]+)"',
