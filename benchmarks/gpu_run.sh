@@ -33,8 +33,9 @@
 # their own: stage 4 took 298 s on the H100 (batch 40, compiled in 157 s); on an
 # H200 (session 8) it ran out of 272 s while autotuning the batch it found
 # (80). Stage 6
-# times the JAX step with the other form of the convolutions (conv_impl=2d1d),
-# to check on the card the choice conv_impl='auto' makes (3d).
+# times the JAX step with the (2+1)D convolutions as 2D cuDNN ones
+# (conv_impl=2d), traced, to check on the card the choice conv_impl='auto'
+# makes (3d).
 # A call's autotuning results come back in $OUT/jax_cache.tar.gz: unpacked into
 # .jaxcache/ (git-ignored, so a fresh checkout has none), carried, and named by
 # JAX_CACHE=.jaxcache, they spare the next call on the same kind of card tuning
@@ -140,7 +141,7 @@ BATCH=${BATCH:-$MIN_BATCH}
 #    stage 1's optimised HLO: where cuDNN runs the 3D convolutions channels-first
 #    (dim_labels bf012..., XLA's layout heuristic keeps NCHW for all but bf16 2D
 #    convolutions) it forces channels-last (xla_gpu_force_conv_nhwc), PyTorch's
-#    tuned row running channels_last_3d; otherwise it times the 2D + 1D form.
+#    tuned row running channels_last_3d; otherwise it times the 2D form (2d).
 if [[ " $STAGES " == *" 7 "* ]]; then
   FLAGS7=${FLAGS7:-auto}
   IMPL7=3d
@@ -149,7 +150,7 @@ if [[ " $STAGES " == *" 7 "* ]]; then
     if grep -q 'dim_labels=bf012' /tmp/cvc_trace/step.hlo 2>/dev/null; then
       FLAGS7=--xla_gpu_force_conv_nhwc=true
     else
-      IMPL7=2d1d
+      IMPL7=2d
     fi
   fi
   XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$FLAGS7" \
@@ -256,12 +257,18 @@ if [[ " $STAGES " == *" 5 "* ]]; then
       $(fit_flags "${REMAT_AT:-}") --steps="$STEPS" --json="$OUT/5_jax_bf16_remat.json"
 fi
 
-# 6) JAX, bf16, at BATCH, convolutions in the 2D + 1D form.
+# 6) JAX, bf16, at BATCH, the (2+1)D convolutions as 2D ones (conv_impl=2d: cuDNN's
+#    2D kernels, XLA's own gradients), traced: its per-op table beside stage 1's
+#    says convolution by convolution whether cuDNN runs 2D faster than 3D.
+#    Compiled for an H100 it moves 30 GB more per step through XLA's kernels
+#    (benchmarks/RESULTS.md), so it must gain about 11 ms in cuDNN to pay.
+#    (conv_impl=2d1d, the CPU's form, would move 99 GB more: not timed.)
 if [[ " $STAGES " == *" 6 "* ]]; then
-  stage jax_bf16_2d1d 200 python3 -m cvc_jax.benchmark --config="$CONFIG" \
-      --config.dtype=bfloat16 --config.batch_size="$BATCH" \
-      --config.model.encoder.conv_impl=2d1d --steps="$STEPS" \
-      --json="$OUT/6_jax_bf16_2d1d.json"
+  stage "jax_bf16 conv_impl=2d" 200 python3 benchmarks/fit_batch.py \
+      --config="$CONFIG" --config.dtype=bfloat16 --config.model.encoder.conv_impl=2d \
+      --min_batch="$BATCH" --max_batch="$BATCH" $LIMIT --steps="$STEPS" \
+      --json="$OUT/6_jax_bf16_2d.json" --trace_dir=/tmp/cvc_trace6
+  pack_trace cvc_trace6 "$OUT/6_trace.tar.gz"
 fi
 
 tar czf "$OUT/jax_cache.tar.gz" -C "$JAX_COMPILATION_CACHE_DIR" . 2>/dev/null

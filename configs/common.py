@@ -52,8 +52,10 @@ def base() -> ml_collections.ConfigDict:
       dict(arch="r2plus1d", blocks=(2, 2, 2, 2), width=64, depth=18, bottleneck=False))
   # How convolutions run, same parameters either way: "3d", "3d_pad8" (channels
   # zero-padded to a multiple of 8, for cuDNN; not yet timed), "2d1d" ((1,k,k) and
-  # (k,1,1) kernels as 2D convolutions) or "auto" (the one measured faster on the
-  # backend: 2d1d on CPU, 3d on GPU/TPU; benchmarks/RESULTS.md).
+  # (k,1,1) kernels as 2D convolutions, kernel gradients written for XLA's CPU
+  # backend), "2d" (the same with XLA's gradients, for cuDNN; not yet timed) or
+  # "auto" (the one measured faster on the backend: 2d1d on CPU, 3d on GPU/TPU;
+  # benchmarks/RESULTS.md).
   c.model.encoder.conv_impl = "auto"
   # How the stem's first convolution runs: "conv" (as conv_impl says),
   # "space_to_depth" (2x2 pixels to 12 channels, a 4x4 kernel at stride 1; same

@@ -118,11 +118,23 @@ DEPTH_TO_BLOCKS = {
 # `benchmarks/gpu_run.sh` stage 8 to measure. '2d1d': those with a
 # (1, k, k) or (1, 1, 1) kernel as 2D convolutions of single frames (time joins
 # the batch), those with a (k, 1, 1) kernel as (k, 1) 2D convolutions over time
-# and pixels ([B, T, H*W, C]); full 3D kernels stay 3D. 'auto':
-# the form measured fastest on the backend (benchmarks/RESULTS.md): '2d1d' on
-# CPUs, whose XLA backend runs 3D convolutions and their gradients far slower
-# than 2D ones; '3d' elsewhere (cuDNN and the TPU compiler take 3D as it is).
-CONV_IMPLS = ("3d", "3d_pad8", "2d1d", "auto")
+# and pixels ([B, T, H*W, C]); full 3D kernels stay 3D; their kernel gradients
+# are matrix products over groups of frames, which XLA's CPU backend runs
+# several times faster than the convolutions it derives. '2d': the same 2D
+# convolutions with the gradients XLA derives, which on a GPU are cuDNN's 2D
+# kernels, its most used. Compiled for an H100 (`benchmarks/compile_for.py`)
+# all 110 convolutions of configs/ucf101.py's step become 2D channels-last
+# cuDNN calls with no transposes, but XLA's own kernels move 144.0 GB per step
+# at 16 videos against 113.8 with '3d': where the 2D shapes of the two
+# convolutions meet the BatchNorm between them, the ReLU's gradient gets a
+# kernel of its own. So '2d' pays only if cuDNN runs 2D convolutions about 11
+# ms faster than 3D ones with a kernel depth of 1: `benchmarks/gpu_run.sh`
+# stage 6 times it.
+# 'auto': the form measured fastest on the backend (benchmarks/RESULTS.md):
+# '2d1d' on CPUs, whose XLA backend runs 3D convolutions and their gradients
+# far slower than 2D ones; '3d' elsewhere (cuDNN and the TPU compiler take 3D
+# as it is).
+CONV_IMPLS = ("3d", "3d_pad8", "2d1d", "2d", "auto")
 
 # How the stem's first convolution (7x7, stride 2 in space, over the 3 RGB
 # channels) runs. 'conv': as every other one (`conv_impl`). 'space_to_depth':
@@ -153,7 +165,7 @@ REMAT_POLICIES = {"none": None, "blocks": jax.checkpoint_policies.nothing_saveab
 
 
 def resolve_conv_impl(conv_impl: str, device=None) -> str:
-  """`conv_impl` with 'auto' decided for `device`: '3d', '3d_pad8' or '2d1d'."""
+  """`conv_impl` with 'auto' decided for `device`: one of `CONV_IMPLS` less 'auto'."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
   if conv_impl == "auto":
@@ -351,11 +363,18 @@ class FactorisedConv(nn.Module):
   Its one parameter is `nn.Conv`'s: 'kernel' [kt, kh, kw, in, out], initialised
   the same way, so checkpoints and `cvc_jax.convert` cannot tell the two apart.
   Padding is PyTorch's symmetric k // 2.
+
+  Attributes:
+    xla_gradients: False (conv_impl '2d1d'): the forms written for XLA's CPU
+      backend, kernel gradients as matrix products over groups of frames and
+      temporal convolutions of 2 output frames as products; True ('2d'): plain
+      2D convolutions whose gradients XLA derives, as cuDNN runs them.
   """
   features: int
   kernel_size: tuple[int, int, int]
   strides: tuple[int, int, int]
   dtype: Any = jnp.float32
+  xla_gradients: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -364,12 +383,16 @@ class FactorisedConv(nn.Module):
                         (kt, kh, kw, x.shape[-1], self.features), jnp.float32)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     if kt == 1:  # frame by frame: [B*T, H, W, C]
-      return _frames_conv(x[:, ::st], kernel,
-                          ((sh, sw), ((kh // 2, kh // 2), (kw // 2, kw // 2))))
+      static = ((sh, sw), ((kh // 2, kh // 2), (kw // 2, kw // 2)))
+      if self.xla_gradients:
+        return _frames_conv_2d(x[:, ::st], kernel, *static)
+      return _frames_conv(x[:, ::st], kernel, static)
     if kh != 1 or kw != 1:
       raise ValueError(f"FactorisedConv takes (1, k, k) or (k, 1, 1) kernels, got "
                        f"{self.kernel_size}.")
     x = x[:, :, ::sh, ::sw]
+    if self.xla_gradients:
+      return _temporal_conv_2d(x, kernel[:, 0, 0], st)
     pad = kt // 2
     out_t = (x.shape[1] + 2 * pad - kt) // st + 1
     if out_t <= 2:
@@ -467,6 +490,8 @@ class SpaceToDepthConv(nn.Module):
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     x, kernel = space_to_depth(x, kernel)
     impl = resolve_conv_impl(self.conv_impl)
+    if impl == "2d" and kt == 1:
+      return _frames_conv_2d(x[:, ::st], kernel, (1, 1), ((0, 0), (0, 0)))
     if impl == "2d1d" and kt == 1:
       return _frames_conv(x[:, ::st], kernel, ((1, 1), ((0, 0), (0, 0))))
     padding = [(kt // 2, kt // 2), (0, 0), (0, 0)]
@@ -479,8 +504,9 @@ def _conv(features, kernel, strides, name, dtype, conv_impl="3d"):
   """A bias-free 3D convolution with PyTorch's symmetric padding k // 2."""
   kt, kh, kw = kernel
   impl = resolve_conv_impl(conv_impl)
-  if impl == "2d1d" and (kt == 1 or kh == kw == 1):
-    return FactorisedConv(features, tuple(kernel), tuple(strides), dtype, name=name)
+  if impl in ("2d1d", "2d") and (kt == 1 or kh == kw == 1):
+    return FactorisedConv(features, tuple(kernel), tuple(strides), dtype,
+                          xla_gradients=impl == "2d", name=name)
   if impl == "3d_pad8":
     return PaddedConv(features, tuple(kernel), tuple(strides), 8, dtype, name=name)
   return nn.Conv(
