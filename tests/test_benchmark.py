@@ -361,6 +361,13 @@ def test_compile_for_compiles_the_step_for_a_device_from_shapes(monkeypatch):
     assert f"jax-cuda12-plugin[with-cuda]=={jax.__version__}" in str(e)
   else:
     assert devices[0].device_kind == "NVIDIA H100 80GB HBM3" and limit_gb == 75.2
+  # A TPU's program: XLA's cost analysis, no convolution count (its fusions hold
+  # the convolutions, and matrix products are convolutions there too).
+  tpu_program = types.SimpleNamespace(cost_analysis=lambda: [{"bytes accessed": 6.2e10}])
+  assert compile_for.program_traffic(tpu_program, "tpu") == (
+      None, {"XLA (cost analysis)": 62.0})
+  rows = [dict(rows[0], convolutions=None, traffic_gb={"XLA (cost analysis)": 62.0})]
+  assert "| - | 62.0 | - |" in compile_for.format_rows(rows, 2, "4 x TPU v5 lite")
   with pytest.raises(compile_for.app.UsageError, match="'tpu:TOPOLOGY', 'local' or a file"):
     compile_for.target_devices("h101")
   # A TPU slice needs libtpu; without it the error says so.
