@@ -260,8 +260,8 @@ fi
 # 6) JAX, bf16, at BATCH, the (2+1)D convolutions as 2D ones (conv_impl=2d: cuDNN's
 #    2D kernels, XLA's own gradients), traced: its per-op table beside stage 1's
 #    says convolution by convolution whether cuDNN runs 2D faster than 3D.
-#    Compiled for an H100 it moves 30 GB more per step through XLA's kernels
-#    (benchmarks/RESULTS.md), so it must gain about 11 ms in cuDNN to pay.
+#    Compiled for an H100 it moves 7.8 GB more per step through XLA's kernels
+#    (benchmarks/RESULTS.md), so it must gain about 3 ms in cuDNN to pay.
 #    (conv_impl=2d1d, the CPU's form, would move 99 GB more: not timed.)
 if [[ " $STAGES " == *" 6 "* ]]; then
   stage "jax_bf16 conv_impl=2d" 200 python3 benchmarks/fit_batch.py \

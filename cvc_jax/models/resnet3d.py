@@ -124,12 +124,11 @@ DEPTH_TO_BLOCKS = {
 # convolutions with the gradients XLA derives, which on a GPU are cuDNN's 2D
 # kernels, its most used. Compiled for an H100 (`benchmarks/compile_for.py`)
 # all 110 convolutions of configs/ucf101.py's step become 2D channels-last
-# cuDNN calls with no transposes, but XLA's own kernels move 144.0 GB per step
-# at 16 videos against 113.8 with '3d': where the 2D shapes of the two
-# convolutions meet the BatchNorm between them, the ReLU's gradient gets a
-# kernel of its own. So '2d' pays only if cuDNN runs 2D convolutions about 11
-# ms faster than 3D ones with a kernel depth of 1: `benchmarks/gpu_run.sh`
-# stage 6 times it.
+# cuDNN calls with no transposes, and XLA's own kernels move 121.6 GB per step
+# at 16 videos against 113.8 with '3d' (where a block's output meets the next
+# block's 2D view, the ReLU's gradient keeps a kernel of its own). So '2d' pays
+# if cuDNN runs 2D convolutions about 3 ms faster than 3D ones with a kernel
+# depth of 1: `benchmarks/gpu_run.sh` stage 6 times it.
 # 'auto': the form measured fastest on the backend (benchmarks/RESULTS.md):
 # '2d1d' on CPUs, whose XLA backend runs 3D convolutions and their gradients
 # far slower than 2D ones; '3d' elsewhere (cuDNN and the TPU compiler take 3D
@@ -554,8 +553,18 @@ def spatiotemporal_conv(x, features, kind, stride, prefix, *, mid_features, dtyp
   if kind == "2d":
     return conv(features, (1, 3, 3), (1, s, s), prefix)(x)
   x = conv(mid_features, (1, 3, 3), (1, s, s), f"{prefix}_0")(x)
-  x = BatchNorm(use_running_average=not train, dtype=dtype, name=f"{prefix}_1")(x)
-  return conv(features, (3, 1, 1), (s, 1, 1), f"{prefix}_3")(nn.relu(x))
+  norm = BatchNorm(use_running_average=not train, dtype=dtype, name=f"{prefix}_1")
+  if resolve_conv_impl(conv_impl) == "2d":
+    # The same function, with BatchNorm and ReLU in the [B*T, H, W, C] view the 2D
+    # convolution wrote: in the [B, T, H, W, C] view XLA kept the ReLU's gradient
+    # out of the BatchNorm's backward kernels (the step compiled for an H100
+    # moved 144.0 GB per step through XLA's kernels that way, 121.6 GB this
+    # way; benchmarks/RESULTS.md).
+    b, t = x.shape[:2]
+    x = nn.relu(norm(x.reshape((b * t,) + x.shape[2:]))).reshape(x.shape)
+  else:
+    x = nn.relu(norm(x))
+  return conv(features, (3, 1, 1), (s, 1, 1), f"{prefix}_3")(x)
 
 
 def _downsample(x, features, strides, dtype, train, names, conv_impl="3d"):
