@@ -223,7 +223,8 @@ python3 -c "import torchvision" 2>/dev/null || ENCODER=--encoder=ours
 #    part of autotuning XLA's authors found could multiply its time (XLA_FLAGS
 #    shows in the JSON's notes).
 #    FIT_AT=N (stage 4) and REMAT_AT=N (stage 5) compile batch N alone, without the
-#    two probe compilations (about 100 s on an H100): the batch that
+#    two probe compilations (not timed apart on a card: stage 4's 298 s on an H100
+#    held them, the 157 s compilation of the batch found and the timing): the batch that
 #    `benchmarks/compile_for.py` found by compiling for the card on a machine without
 #    it (an H100 SXM: 40, and 72 with remat=dots; benchmarks/RESULTS.md).
 FIT_XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=${FIT_AUTOTUNE:-3}"

@@ -304,6 +304,14 @@ def _with_kernel_grad(conv, kernel_grad):
 _frames_conv = _with_kernel_grad(_frames_conv_2d, _frames_kernel_grad)
 
 
+def _frames_conv_form(x, kernel, static, xla_gradients):
+  """The frame-by-frame 2D convolution with the kernel gradient XLA derives
+  (conv_impl '2d') or the hand-written one (`_frames_conv`, '2d1d')."""
+  if xla_gradients:
+    return _frames_conv_2d(x, kernel, *static)
+  return _frames_conv(x, kernel, static)
+
+
 def _temporal_conv_2d(x, kernel, stride):
   """x [B, T, H, W, C] and kernel [kt, C, O] as a (kt, 1) 2D convolution over [B, T, H*W, C]."""
   b, t, h, w, c = x.shape
@@ -382,10 +390,9 @@ class FactorisedConv(nn.Module):
                         (kt, kh, kw, x.shape[-1], self.features), jnp.float32)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     if kt == 1:  # frame by frame: [B*T, H, W, C]
-      static = ((sh, sw), ((kh // 2, kh // 2), (kw // 2, kw // 2)))
-      if self.xla_gradients:
-        return _frames_conv_2d(x[:, ::st], kernel, *static)
-      return _frames_conv(x[:, ::st], kernel, static)
+      return _frames_conv_form(x[:, ::st], kernel,
+                               ((sh, sw), ((kh // 2, kh // 2), (kw // 2, kw // 2))),
+                               self.xla_gradients)
     if kh != 1 or kw != 1:
       raise ValueError(f"FactorisedConv takes (1, k, k) or (k, 1, 1) kernels, got "
                        f"{self.kernel_size}.")
@@ -489,10 +496,9 @@ class SpaceToDepthConv(nn.Module):
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     x, kernel = space_to_depth(x, kernel)
     impl = resolve_conv_impl(self.conv_impl)
-    if impl == "2d" and kt == 1:
-      return _frames_conv_2d(x[:, ::st], kernel, (1, 1), ((0, 0), (0, 0)))
-    if impl == "2d1d" and kt == 1:
-      return _frames_conv(x[:, ::st], kernel, ((1, 1), ((0, 0), (0, 0))))
+    if impl in ("2d1d", "2d") and kt == 1:
+      return _frames_conv_form(x[:, ::st], kernel, ((1, 1), ((0, 0), (0, 0))),
+                               impl == "2d")
     padding = [(kt // 2, kt // 2), (0, 0), (0, 0)]
     if impl == "3d_pad8":
       return _padded_conv3d(x, kernel, (st, 1, 1), padding, 8)
