@@ -142,6 +142,10 @@ BATCH=${BATCH:-$MIN_BATCH}
 #    (dim_labels bf012..., XLA's layout heuristic keeps NCHW for all but bf16 2D
 #    convolutions) it forces channels-last (xla_gpu_force_conv_nhwc), PyTorch's
 #    tuned row running channels_last_3d; otherwise it times the 2D form (2d).
+#    FLAGS7=--xla_gpu_experimental_enable_conv_fusion=true times XLA's cuDNN
+#    convolution fusions (the ReLU's mask and the joins' add in the input
+#    gradients' epilogues; compiled without a card they cannot be built, their
+#    plans being autotuned: benchmarks/RESULTS.md).
 if [[ " $STAGES " == *" 7 "* ]]; then
   FLAGS7=${FLAGS7:-auto}
   IMPL7=3d
