@@ -45,6 +45,10 @@ def base() -> ml_collections.ConfigDict:
   c.input.mean = (0.485, 0.456, 0.406)
   c.input.std = (0.229, 0.224, 0.225)
   c.input.diff_wrap = True  # d = v - roll(v, 1): frame 0 minus frame T-1 (reference)
+  # The static views' crop and flip: "own" (drawn apart from v's, as the authors'
+  # code does; SPEC 1) or "clip" (those of the RGB clip the frame comes from, as the
+  # supplementary describes). Colour, grayscale and blur are always their own.
+  c.input.static_crop = "own"
   c.input.prefetch = 2  # batches prepared ahead on the host
 
   c.model = ml_collections.ConfigDict()

@@ -65,7 +65,8 @@ def pretrain_views(frames: jax.Array, rng: jax.Array, config: ml_collections.Con
   Returns:
     float32 [B, 6, T, S, S, 3] normalised views in the order of `VIEWS`:
     v1 v2 (augmented clips), s1 s2 (frame j of each clip repeated T times, one
-    j per video, augmented independently), d1 d2 (frame differences of v1 v2).
+    j per video, augmented independently; with `input.static_crop='clip'` cut
+    and flipped as v1 v2), d1 d2 (frame differences of v1 v2).
   """
   b, two_t, h, w, _ = frames.shape
   if two_t % 2:
@@ -148,7 +149,14 @@ def _video_views(frames, size, key, *, config):
   # The reference augments the T copies of frame j with consistent parameters, so
   # they stay identical: augmenting the one frame and repeating it is the same.
   stills = jnp.stack([frames[j], frames[t + j]])[:, None]
-  s = jnp.broadcast_to(augment(stills, clip_keys[2:]), v.shape)
+  static_crop = config.input.static_crop
+  if static_crop not in ("own", "clip"):
+    raise ValueError(f"config.input.static_crop={static_crop!r}: use 'own' (the "
+                     "static views draw their own crop and flip) or 'clip' (those "
+                     "of the RGB clip the frame comes from).")
+  # 'clip': s_i's crop and flip are drawn from v_i's key, so they are v_i's.
+  geometry_keys = (clip_keys[:2],) if static_crop == "clip" else ()
+  s = jnp.broadcast_to(augment(stills, clip_keys[2:], *geometry_keys), v.shape)
 
   if config.input.diff_wrap:
     d = v - jnp.roll(v, 1, axis=1)  # the reference's: frame 0 minus frame T-1
@@ -160,16 +168,23 @@ def _video_views(frames, size, key, *, config):
 # Slots of the one vector of uniforms that parameterises a clip's augmentation:
 # a single PRNG call per clip keeps the compiled step small.
 _AREA, _ASPECT, _SWAP, _Y, _X, _FLIP, _GRAY, _JITTER, _BLUR, _SIGMA = range(10)
+_GEOMETRY = slice(_AREA, _GRAY)  # the crop box and the flip
 _FACTORS = slice(10, 14)  # brightness, contrast, saturation, hue
 _ORDER = slice(14, 18)  # argsort of four uniforms: the jitter op order
 _NUM_DRAWS = 18
 
 
-def _augment_clip(clip, key, *, size, config):
-  """Augments one clip [T, H, W, 3] uint8 with one draw of parameters."""
+def _augment_clip(clip, key, geometry_key=None, *, size, config):
+  """Augments one clip [T, H, W, 3] uint8 with one draw of parameters.
+
+  The crop and flip are drawn from `geometry_key` (default `key`): two clips
+  given the same one are cut and flipped alike.
+  """
   inp = config.input
   s = inp.crop_size
   u = jax.random.uniform(key, (_NUM_DRAWS,))
+  if geometry_key is not None:
+    u = u.at[_GEOMETRY].set(jax.random.uniform(geometry_key, (_NUM_DRAWS,))[_GEOMETRY])
   size = size.astype(jnp.float32)
 
   # 1) Random resized crop and flip, as one bilinear resample from the canvas.

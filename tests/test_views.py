@@ -143,6 +143,29 @@ def test_static_views_are_one_frame_repeated():
   assert np.abs(out[:, 0, 1:] - out[:, 0, :1]).max() > 0.1  # v is not static
 
 
+def test_static_crop_clip_takes_the_rgb_clips_crop_and_flip():
+  # Geometry only: with static_crop='clip', s_i is frame j of v_i (one j for
+  # both clips; resampled one frame instead of T, so to float32 rounding); with
+  # 'own' (default) s_i is cut apart.
+  frames = _random_frames()
+  shared = _pretrain(frames, GEOMETRY_ONLY + (("static_crop", "clip"),), key=5)
+  own = _pretrain(frames, GEOMETRY_ONLY, key=5)
+  np.testing.assert_array_equal(shared[:, :2], own[:, :2])  # v unchanged
+  for b in range(B):
+    j = [t for t in range(T)
+         if np.allclose(shared[b, 2, 0], shared[b, 0, t], atol=1e-4)
+         and np.allclose(shared[b, 3, 0], shared[b, 1, t], atol=1e-4)]
+    assert len(j) == 1, f"video {b}: s1, s2 are not frame j of v1, v2"
+    assert not any(np.allclose(own[b, 2, 0], own[b, 0, t], atol=1e-3) for t in range(T))
+  # Colour stays the static views' own: with it on, s1 is no frame of v1.
+  coloured = _pretrain(frames, (("static_crop", "clip"), ("jitter_prob", 1.0)), key=5)
+  for b in range(B):
+    assert not any(np.allclose(coloured[b, 2, 0], coloured[b, 0, t], atol=1e-3)
+                   for t in range(T))
+  with pytest.raises(ValueError, match="static_crop='shared'.*'own'.*'clip'"):
+    _pretrain(frames, (("static_crop", "shared"),))
+
+
 def test_difference_views():
   frames = _random_frames()
   wrap = _pretrain(frames, key=3)  # diff_wrap is True by default
