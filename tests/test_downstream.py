@@ -100,6 +100,25 @@ def test_linear_probe_updates_only_the_linear_layer():
     assert bool(jnp.all(updates["fc"]["kernel"] != 0))
 
 
+def test_downstream_optimizer_follows_optim_name():
+  # A zero gradient: torch-style Adam normalises the L2 term (a step of about
+  # lr), AdamW adds lr * weight_decay * w after the moments.
+  config = ucf101_linear.get_config("runlocal")
+  params = {"backbone": {"kernel": jnp.ones(3)}, "fc": {"kernel": jnp.ones(2)}}
+  grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+  lr, decay = config.optim.lr, config.optim.weight_decay
+  for name, step in (("adam", lr), ("adamw", lr * decay)):
+    with config.unlocked():
+      config.optim.name = name
+    tx = classify._optimizer(config, 10, linear=False)  # pylint: disable=protected-access
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["fc"]["kernel"], -step, rtol=1e-3)
+  with config.unlocked():
+    config.optim.name = "sgd"
+  with pytest.raises(ValueError, match="optim.name must be 'adam' or 'adamw', got 'sgd'"):
+    classify._optimizer(config, 10, linear=False)  # pylint: disable=protected-access
+
+
 def test_demo_compares_pretrained_and_random_on_both_labels(tmp_path, data_dir):
   """demo.compare on a pretraining workdir (a checkpoint saved as pretrain saves it)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from cvc_jax import checkpointing
 from cvc_jax import models
+from cvc_jax import pretrain
 from cvc_jax import views as views_lib
 from cvc_jax.downstream import evaluate
 from cvc_jax.downstream import metrics
@@ -48,12 +49,9 @@ class Classifier(nn.Module):
 
 
 def _optimizer(config, steps_per_epoch: int, linear: bool):
-  oc = config.optim
-  schedule = optax.piecewise_constant_schedule(
-      oc.lr, {int(e * steps_per_epoch): oc.decay_factor for e in oc.decay_epochs})
-  tx = optax.chain(optax.add_decayed_weights(oc.weight_decay),
-                   optax.scale_by_adam(b1=oc.b1, b2=oc.b2, eps=oc.eps),
-                   optax.scale_by_learning_rate(schedule))
+  """config.optim's Adam (or AdamW) and step schedule, as in pretraining."""
+  tx = optax.chain(pretrain.adam_with_decay(config.optim), optax.scale_by_learning_rate(
+      pretrain.lr_schedule(config.optim, steps_per_epoch)))
   if not linear:
     return tx
   # Linear probe: the encoder gets no update at all (no weight decay either).
