@@ -74,7 +74,10 @@ class BatchNorm(nn.Module):
   activations more often (BatchNorm + ReLU forward and backward over R(2+1)D's
   largest activation: 0.41 s that way, 0.35 s with this one, 2-core CPU). Under
   jit on global arrays the batch statistics are global-batch statistics across
-  all devices, no axis_name.
+  all devices, no axis_name. Like flax's, the running variance averages the
+  biased batch variance where PyTorch's averages the unbiased one: a factor
+  n / (n - 1) for n values per channel: at layer 4 of a 16x112x112 encoder, 98
+  values per clip, 0.003 % for pretraining's 64 videos of 6 clips.
   """
   use_running_average: bool = False
   momentum: float = 0.9
