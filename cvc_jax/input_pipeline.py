@@ -502,7 +502,27 @@ def data_source(config: ml_collections.ConfigDict, split: str, *,
   label_static and label_dynamic).
   """
   builder = ensure_built(config)
+  warning = upsampling_warning(builder.builder_config, config.input.crop_size)
+  if warning:
+    logging.warning(warning)
   return _Videos(builder, _split(builder, split), label_key)
+
+
+def upsampling_warning(builder_config: Any, crop_size: int) -> str | None:
+  """What to say when a data set's frames are smaller than the crop, else None.
+
+  The repository's builders store frames at a short side of 128 unless their
+  config says `short256` or `native`; a 224 px crop (`backbone=r2plus1d18_224`)
+  from those is an upsampled 128 px one, silently: the crop itself runs.
+  """
+  short_side = getattr(builder_config, "short_side", None)
+  if not short_side or crop_size <= short_side:
+    return None
+  return (f"The frames of data set config {builder_config.name!r} have a short "
+          f"side of {short_side} px, under the {crop_size} px crop: every clip is "
+          "upsampled. Build and use one with larger frames: the same name plus "
+          "_short256 or _native (short256 or native for 'default'), e.g. "
+          "--config.input.dataset=ucf101/split1_short256.")
 
 
 # ----------------------------------------------------------------------------

@@ -278,6 +278,19 @@ def test_errors_are_clear(tmp_path, data_dir):
     input_pipeline.ensure_built(config)
 
 
+def test_frames_smaller_than_the_crop_are_named():
+  from tfds_builders import video_builder  # pylint: disable=g-import-not-at-top
+  configs = {c.name: c for c in video_builder.official_split_configs()}
+  warning = input_pipeline.upsampling_warning(configs["split1"], 224)
+  assert "'split1' have a short side of 128 px, under the 224 px crop" in warning
+  assert "ucf101/split1_short256" in warning
+  assert input_pipeline.upsampling_warning(configs["split1"], 112) is None
+  assert input_pipeline.upsampling_warning(configs["split1_short256"], 224) is None
+  assert input_pipeline.upsampling_warning(configs["split1_native"], 224) is None
+  # Builders without a stored size (synthetic_motion) are left alone.
+  assert input_pipeline.upsampling_warning(sm.Builder.BUILDER_CONFIGS[0], 224) is None
+
+
 # ----------------------------------------------------------------------------
 # Evaluation clips and batches (SPEC section 6).
 
