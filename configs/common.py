@@ -6,6 +6,8 @@ named in `arg`, e.g. `--config=configs/ucf101.py:sigma=linear,runlocal`.
 
 import ml_collections
 
+from cvc_jax.models import resnet3d
+
 
 def base() -> ml_collections.ConfigDict:
   """The paper's defaults (SPEC sections 1-5), UCF-101 pretraining."""
@@ -132,7 +134,7 @@ def runlocal(c: ml_collections.ConfigDict, keep_blocks: bool = False) -> None:
   if not keep_blocks:
     c.model.encoder.blocks = (1, 1, 1, 1)
   c.model.num_concepts = 8
-  c.model.sigma_dim = 64  # = encoder width x 8, so identity sigma fits
+  c.model.sigma_dim = resnet3d.feature_dim(c.model.encoder)  # identity sigma fits
   c.model.decoder_hidden = min(c.model.decoder_hidden, 32)
   c.model.proj_hidden = 32
   c.model.proj_dim = 16
@@ -148,14 +150,18 @@ ABLATIONS = {
     "topk": lambda c, v: setattr(c.loss, "loc_topk", int(v)),
     "encoders": lambda c, v: setattr(
         c.model, "separate_encoders", {"shared": False, "separate": True}[v]),
-    "backbone": lambda c, v: _backbone(c, v),
+    "backbone": lambda c, v: _backbone(c, v),  # BACKBONES
 }
 
-# Supplementary Table 4: name -> (encoder keys, crop size, raw frame size).
+# Supplementary Table 4, and SPEC 2's R3D-50 (torchvision layout, bottleneck
+# blocks, D = 2048): name -> (encoder keys, crop size, raw frame size).
 BACKBONES = {
-    "r2plus1d18": (dict(arch="r2plus1d", blocks=(2, 2, 2, 2)), 112, (128, 228)),
-    "r2plus1d18_224": (dict(arch="r2plus1d", blocks=(2, 2, 2, 2)), 224, (256, 456)),
-    "r3d34": (dict(arch="r3d", blocks=(3, 4, 6, 3)), 112, (128, 228)),
+    "r2plus1d18": (dict(arch="r2plus1d", blocks=(2, 2, 2, 2), bottleneck=False),
+                   112, (128, 228)),
+    "r2plus1d18_224": (dict(arch="r2plus1d", blocks=(2, 2, 2, 2), bottleneck=False),
+                       224, (256, 456)),
+    "r3d34": (dict(arch="r3d", blocks=(3, 4, 6, 3), bottleneck=False), 112, (128, 228)),
+    "r3d50": (dict(arch="r3d", blocks=(3, 4, 6, 3), bottleneck=True), 112, (128, 228)),
 }
 
 
@@ -163,6 +169,8 @@ def _backbone(c, name):
   encoder, crop, raw = BACKBONES[name]
   c.model.encoder.update(encoder)
   c.input.crop_size, c.input.raw_size = crop, raw
+  # The concept space follows the encoder's width (identity sigma needs it).
+  c.model.sigma_dim = resnet3d.feature_dim(c.model.encoder)
 
 
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

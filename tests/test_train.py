@@ -140,7 +140,8 @@ def test_nonfinite_loss_stops_naming_step_and_term(tmp_path, data_dir, monkeypat
 
 # Every named variant that differs from the defaults (supplementary Tables 1-5).
 VARIANTS = ["sigma=linear", "sigma=mlp", "decoder=linear", "decoder=128", "topk=2",
-            "topk=10", "encoders=separate", "backbone=r2plus1d18_224", "backbone=r3d34"]
+            "topk=10", "encoders=separate", "backbone=r2plus1d18_224", "backbone=r3d34",
+            "backbone=r3d50"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -161,3 +162,5 @@ def test_every_variant_takes_a_step(variant):
   assert not np.allclose(new.params["fvv_0"]["kernel"], state.params["fvv_0"]["kernel"])
   if variant == "encoders=separate":
     assert {"backbone", "backbone_s", "backbone_d"} <= set(new.params)
+  if variant == "backbone=r3d50":  # bottleneck blocks: D = width x 8 x 4
+    assert new.params["fvv_0"]["kernel"].shape[0] == config.model.sigma_dim == 8 * 8 * 4
