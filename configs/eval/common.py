@@ -7,7 +7,11 @@
 protocol is fixed by the paper: ten uniformly spaced 16-frame clips per video,
 centre crop 112, softmax averaged over the clips. The training schedules below
 are this project's choice (the paper does not give them): linear probe Adam 1e-3,
-finetune Adam 1e-4, both 100 epochs with x0.1 at 60 and 80, dropout 0.5.
+finetune Adam 1e-4, both 100 epochs with x0.1 at 60 and 80, L2 weight decay
+1e-3 (on `fc` alone in the linear probe), dropout 0.5. Training clips get
+pretraining's augmentation (random resized crop of 0.5-1 of the area, flip,
+colour jitter 0.5/0.5/0.5/0.25) with grayscale at p 0.2 and no blur; every key
+can be overridden (`--config.input.jitter_prob=0`, `--config.optim.name=adamw`).
 """
 
 import ml_collections
