@@ -379,12 +379,9 @@ class TrainStep:
       config.remat = remat
     self.config, self.log = config, log
     self.devices = jax.devices()
-    mesh = Mesh(np.asarray(self.devices), ("data",))
+    mesh = pretrain.data_mesh(config.batch_size, self.devices)
     replicated, batch_sharding = step_shardings(mesh)
     b, t = config.batch_size, config.input.num_frames
-    if b % len(self.devices):
-      raise ValueError(f"batch_size {b} must be divisible by the {len(self.devices)} "
-                       "devices.")
     (h, w), s = config.input.raw_size, config.input.crop_size
     # Epoch = step: from `steady_epoch` on every term and the queue are on.
     steps_per_epoch = 1

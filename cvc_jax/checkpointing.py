@@ -2,6 +2,7 @@
 orbax's restore target, and preemption turned into a checkpoint and a clean stop.
 """
 
+import os
 import signal
 
 from absl import logging
@@ -12,6 +13,44 @@ import orbax.checkpoint as ocp
 def abstract(tree):
   """Shapes, dtypes and shardings of a pytree: orbax's restore target."""
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, target):
+  """Checkpoint `step` restored into the shapes, dtypes and shardings of `target`.
+
+  Raises:
+    ValueError: the checkpoint holds other arrays than `target` has (a run of
+      another config, or of another kind, wrote it), naming the first that
+      differ; nothing is restored or written.
+  """
+  path = os.path.join(str(manager.directory), str(step), "default")
+  stored = _by_name(ocp.StandardCheckpointer().metadata(path).item_metadata.tree)
+  wanted = _by_name(target)
+  shape = lambda leaf: tuple(getattr(leaf, "shape", ()))  # python scalars: ()
+  differ = [f"{n}: none in the checkpoint, {shape(wanted[n])} here"
+            for n in wanted if n not in stored]
+  differ += [f"{n}: {shape(stored[n])} in the checkpoint, none here"
+             for n in stored if n not in wanted]
+  differ += [f"{n}: {shape(stored[n])} in the checkpoint, {shape(wanted[n])} here"
+             for n in wanted if n in stored and shape(stored[n]) != shape(wanted[n])]
+  if differ:
+    differ.sort(key=lambda line: not line.startswith("params/"))  # parameters first
+    more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+    raise ValueError(
+        f"The checkpoint of step {step} in {manager.directory} does not fit this "
+        f"run's config: {'; '.join(differ[:3])}{more}. Another config wrote it: "
+        "resume with that one (the workdir's config.json is the last run's), or "
+        "give this run a new --workdir.")
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract(target)))
+
+
+def _by_name(tree) -> dict:
+  """A pytree's leaves by path, 'params/backbone/stem_0/kernel', whether the
+  path's nodes are dicts, sequences or (as orbax reads them back) named tuples."""
+  def name(key):
+    return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+  return {"/".join(name(k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 class StopSignal:

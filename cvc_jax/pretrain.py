@@ -273,6 +273,16 @@ def train_step(state: TrainState, views: jax.Array, config, steps_per_epoch: int
   return new_state, dict(terms, grad_norm=grad_norm, finite=finite)
 
 
+def data_mesh(batch_size: int, devices=None) -> Mesh:
+  """The 1-D `data` mesh over `devices` (default: every device of every host),
+  over which a global batch of `batch_size` is split evenly, as checked here."""
+  devices = jax.devices() if devices is None else list(devices)
+  if batch_size % len(devices):
+    raise ValueError(f"batch_size {batch_size} must be divisible by the {len(devices)} "
+                     f"devices: set --config.batch_size to a multiple of {len(devices)}.")
+  return Mesh(np.asarray(devices), ("data",))
+
+
 def _checkpoint_tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
   """The saved state: parameters, BatchNorm statistics, optimiser, queues, step,
   and the run's base PRNG key. The input position is the step: batch s is a pure
@@ -298,20 +308,14 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   from cvc_jax import input_pipeline, views as views_lib  # pylint: disable=g-import-not-at-top
 
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   input_pipeline.ensure_built(config)
   steps_per_epoch = input_pipeline.steps_per_epoch(config)
   total_steps = config.num_epochs * steps_per_epoch
 
   # One `data` axis over every device of every host; the batch is split along it
   # and everything else is replicated.
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  mesh = data_mesh(config.batch_size)
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  if config.batch_size % jax.device_count():
-    raise ValueError(f"batch_size {config.batch_size} must be divisible by the "
-                     f"{jax.device_count()} devices.")
   t, s = config.input.num_frames, config.input.crop_size
   views_shape = (config.batch_size, 6, t, s, s, 3)
   rng = jax.random.key(config.seed)
@@ -328,12 +332,20 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
           cleanup_tmp_directories=True))
   latest = manager.latest_step()
   if latest is not None:
-    restored = manager.restore(latest, args=ocp.args.StandardRestore(
-        checkpointing.abstract(_checkpoint_tree(state, rng))))
+    try:
+      restored = checkpointing.restore(manager, latest, _checkpoint_tree(state, rng))
+    except ValueError:
+      manager.close()  # no asynchronous machinery left to complain at exit
+      raise
     rng = jax.random.wrap_key_data(restored.pop("rng"))
     state = state.replace(**restored)
     logging.info("Resumed from step %d in %s.", latest, workdir)
   start_step = int(state.step)
+  # Written once the checkpoint is known to fit: a refused resume leaves the
+  # config.json that describes the workdir's checkpoints.
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   def step_fn(state, batch, rng):
     views = views_lib.pretrain_views(batch["frames"], jax.random.fold_in(rng, state.step),

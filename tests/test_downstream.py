@@ -175,3 +175,16 @@ def test_finetune_resumes_where_an_uninterrupted_run_ends(tmp_path, data_dir):
   for a, b in leaves:
     np.testing.assert_array_equal(a, b)
   assert whole == parts
+
+  # The workdir's checkpoints are another run's once the mode, init_from or data
+  # set differ: refused by name (shapes alone would let a run resume them).
+  with open(tmp_path / "parts" / "config.json") as f:
+    written = f.read()
+  linear = _tiny(ucf101_linear.get_config("runlocal"), data_dir, batch_size=8)
+  with pytest.raises(ValueError, match="another run .mode 'finetune' there, 'linear' here"):
+    classify.train_and_evaluate(linear, str(tmp_path / "parts"))
+  with open(tmp_path / "parts" / "config.json") as f:
+    assert f.read() == written
+  moved = _tiny(ucf101_finetune.get_config("runlocal"), data_dir, init_from="/other/run")
+  with pytest.raises(ValueError, match="init_from '' there, '/other/run' here"):
+    classify._check_same_run(moved, str(tmp_path / "parts"))  # pylint: disable=protected-access

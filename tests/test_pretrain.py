@@ -158,3 +158,11 @@ def test_unknown_variant_is_named():
     ucf101.get_config("sigmaa=mlp")
   with pytest.raises(ValueError, match="'huge'"):
     ucf101.get_config("decoder=huge")
+
+
+def test_a_batch_the_devices_do_not_divide_is_refused_by_name():
+  devices = jax.devices()[:4]
+  assert pretrain.data_mesh(8, devices).shape == {"data": 4}
+  with pytest.raises(ValueError, match="batch_size 6 must be divisible by the 4 devices: "
+                                       "set --config.batch_size to a multiple of 4"):
+    pretrain.data_mesh(6, devices)

@@ -51,11 +51,11 @@ def _config(data_dir):
   return config
 
 
-def _main(workdir, data_dir):
+def _main(workdir, data_dir, *extra):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
   return subprocess.Popen(
       [sys.executable, "-m", "cvc_jax.main", "--config=configs/demo.py",
-       f"--workdir={workdir}", *_overrides(data_dir)], cwd=ROOT, env=env,
+       f"--workdir={workdir}", *_overrides(data_dir), *extra], cwd=ROOT, env=env,
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -116,6 +116,20 @@ def test_main_runs_and_resumes_bitwise_after_sigkill(tmp_path, data_dir):
     for key in path:
       other = other[key.key]
     np.testing.assert_array_equal(other, leaf, err_msg=jax.tree_util.keystr(path))
+
+  # 3) Resuming with a config whose model does not fit the checkpoints is refused,
+  #    naming a parameter, and leaves config.json (the checkpoints' config) as it was.
+  with open(os.path.join(full, "config.json")) as f:
+    before = f.read()
+  proc = _main(full, data_dir, "--config.model.encoder.width=16",
+               "--config.model.sigma_dim=128")
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode != 0
+  assert "does not fit this run's config: " in out, out[-3000:]
+  assert "params/backbone/" in out and "in the checkpoint," in out, out[-3000:]
+  assert "Event loop is closed" not in out, out[-3000:]
+  with open(os.path.join(full, "config.json")) as f:
+    assert f.read() == before
 
 
 def test_nonfinite_loss_stops_naming_step_and_term(tmp_path, data_dir, monkeypatch):

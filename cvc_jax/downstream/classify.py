@@ -7,15 +7,15 @@ protocol is `evaluate.clip_averaged`: ten clips, softmax averaged, every video o
 """
 
 import functools
+import json
 import os
 from typing import Any
 
 from absl import logging
 import flax.linen as nn
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
@@ -60,6 +60,33 @@ def _optimizer(config, steps_per_epoch: int, linear: bool):
       lambda params: {k: ("frozen" if k == "backbone" else "train") for k in params})
 
 
+# What a resumed downstream run must share with the run that wrote the workdir's
+# checkpoints: shapes alone would let a run from other pretrained weights continue.
+_SAME_RUN_KEYS = ("mode", "init_from", "input.dataset")
+
+
+def _check_same_run(config, workdir: str) -> None:
+  """Raises a ValueError when workdir's config.json names another run than config."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    before = json.load(f)
+  before.setdefault("mode", "pretrain")  # pretraining configs have no mode
+  differ = []
+  for key in _SAME_RUN_KEYS:
+    old, new = before, config.to_dict()
+    for part in key.split("."):
+      old = old.get(part) if isinstance(old, dict) else None
+      new = new.get(part)
+    if old != new:
+      differ.append(f"{key} {old!r} there, {new!r} here")
+  if differ:
+    raise ValueError(
+        f"{workdir} holds the checkpoints of another run ({'; '.join(differ)}). "
+        "Give this run a new --workdir, or resume that one with its settings.")
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Finetunes (config.mode 'finetune') or linear-probes ('linear'), then tests.
 
@@ -80,7 +107,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   logging.info("%s from %s.", config.mode, described)
   model = Classifier(encoder, label.num_classes, dropout=config.model.dropout)
 
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  mesh = pretrain.data_mesh(config.batch_size)
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   with config.unlocked():
     config.input.split = config.eval.train_split
@@ -117,11 +144,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           cleanup_tmp_directories=True))
   start_step = 0
   if manager.latest_step() is not None:
-    start_step = manager.latest_step()
-    target = dict(step=0, state=state)
-    state = manager.restore(start_step, args=ocp.args.StandardRestore(
-        checkpointing.abstract(target)))["state"]
+    try:
+      _check_same_run(config, workdir)
+      start_step = manager.latest_step()
+      state = checkpointing.restore(manager, start_step, dict(step=0, state=state))["state"]
+    except ValueError:
+      manager.close()  # no asynchronous machinery left to complain at exit
+      raise
     logging.info("Resumed %s from step %d of %d.", config.mode, start_step, total_steps)
+  if jax.process_index() == 0:  # what _check_same_run reads when this run resumes
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)

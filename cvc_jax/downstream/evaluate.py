@@ -17,13 +17,14 @@ from absl import logging
 import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from cvc_jax import convert
 from cvc_jax import models
+from cvc_jax import pretrain
 from cvc_jax import views as views_lib
 from cvc_jax.downstream import metrics
 from cvc_jax.models import exported
@@ -60,10 +61,6 @@ def load_encoder(config, rng=None):
   return module, variables, f"PyTorch weights {source}"
 
 
-def _mesh():
-  return Mesh(np.asarray(jax.devices()), ("data",))
-
-
 def clip_averaged(config, per_clip: Callable, variables, *, split: str,
                   label_key: str = "label"):
   """Runs `per_clip` over every video of a split, averaged over its clips.
@@ -80,7 +77,7 @@ def clip_averaged(config, per_clip: Callable, variables, *, split: str,
   """
   from cvc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
-  mesh = _mesh()
+  mesh = pretrain.data_mesh(config.batch_size)
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
   @jax.jit
