@@ -234,6 +234,31 @@ def test_diving48_from_the_archive_with_v2_and_v1_labels(tmp_path):
       2 - e["label"] for e in entries["test"]]
 
 
+def test_a_cut_archive_keeps_what_was_read_and_skips_the_rest(tmp_path, caplog):
+  # Incompressible members, so the cut lands inside the third of four.
+  rng = np.random.default_rng(0)
+  path = tmp_path / "videos.tar.gz"
+  with tarfile.open(path, "w:gz") as tar:
+    for i in range(4):
+      data = rng.integers(0, 256, 50_000, np.uint8).tobytes()
+      info = tarfile.TarInfo(f"rgb/v{i}.mp4")
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  whole = path.read_bytes()
+  path.write_bytes(whole[:len(whole) * 5 // 8])
+  jobs = [video_io.Job(f"rgb/v{i}.mp4", "", {}) for i in range(4)]
+  got = list(video_io.ArchiveJobs(str(path), jobs))
+  assert [isinstance(job.source, bytes) for job in got] == [True, True, False, False]
+  assert [os.path.basename(job.name) for job in got] == ["v0.mp4", "v1.mp4", "v2.mp4",
+                                                        "v3.mp4"]
+  assert "is truncated or corrupt after 2 wanted files" in caplog.text
+  assert "download it again" in caplog.text and "2 videos not read yet" in caplog.text
+  # Not an archive at all: named, with what to do.
+  (tmp_path / "junk.tar.gz").write_bytes(b"not an archive")
+  with pytest.raises(video_io.ArchiveError, match="junk.tar.gz is truncated or corrupt"):
+    list(video_io.archive_members(str(tmp_path / "junk.tar.gz"), lambda m: True))
+
+
 # ----------------------------------------------------------------------------
 # Kinetics-400 (Beam) through the real `tfds build` command; video_folder.
 
@@ -312,6 +337,16 @@ def test_video_folder(tmp_path):
   np.testing.assert_array_equal(  # painted with its label
       np.round((batch["frames"][..., 0].mean((1, 2, 3)) - 40) / 60),
       batch["label"])
+
+
+def test_a_split_of_unreadable_videos_is_named(tmp_path):
+  root = tmp_path / "bad"
+  write_corrupt(root / "a.avi")
+  write_corrupt(root / "b.avi")
+  (root / "annotations.csv").write_text("path,label,split\na.avi,x,train\nb.avi,y,train\n")
+  with pytest.raises(ValueError, match=r"No readable video in split 'train': all 2 were "
+                                       r"skipped \(a.avi: .*; b.avi: .*\)"):
+    build(video_folder, "default", root, tmp_path / "data")
 
 
 # ----------------------------------------------------------------------------

@@ -164,6 +164,12 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder):
         continue
       built += 1
       yield example["video_id"], example
+    if not built:  # TFDS would only say that no examples were yielded
+      listed = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3])
+      raise ValueError(
+          f"No readable video in split {split!r}: all {len(skipped)} were skipped "
+          f"({listed}{'; ...' if len(skipped) > 3 else ''}). Check those files in "
+          "the manual dir (the warnings above name each one), then build again.")
     # data_path is the build's temporary folder here; it becomes the data
     # set's folder when the build succeeds, manifest included.
     video_io.write_manifest(self.data_path, split, built, skipped)

@@ -263,11 +263,19 @@ def missing_error(root: str, what: str, archive: str, how: str) -> FileNotFoundE
       f"exists, then build again.")
 
 
+class ArchiveError(ValueError):
+  """An archive that cannot be read (to its end); the message says what to do."""
+
+
 def archive_members(path: str, want: Callable[[str], bool]
                     ) -> Iterator[tuple[str, bytes]]:
   """(member name, bytes) of the files of a .zip or .tar(.gz) that `want`.
 
   Members come in archive order: a compressed tar is read once, front to back.
+
+  Raises:
+    ArchiveError: the archive is not one, or ends early (a cut download), after
+      the members before the damage were yielded.
   """
   if zipfile.is_zipfile(path):
     with zipfile.ZipFile(path) as archive:
@@ -275,10 +283,17 @@ def archive_members(path: str, want: Callable[[str], bool]
         if not info.is_dir() and want(info.filename):
           yield info.filename, archive.read(info)
     return
-  with tarfile.open(path, "r|*") as archive:  # Streaming: no seeks.
-    for member in archive:
-      if member.isfile() and want(member.name):
-        yield member.name, archive.extractfile(member).read()
+  count = 0
+  try:
+    with tarfile.open(path, "r|*") as archive:  # Streaming: no seeks.
+      for member in archive:
+        if member.isfile() and want(member.name):
+          data = archive.extractfile(member).read()
+          count += 1
+          yield member.name, data
+  except (tarfile.TarError, EOFError, OSError) as e:  # zlib's errors are OSErrors
+    raise ArchiveError(f"{path} is truncated or corrupt after {count} wanted files "
+                       f"({type(e).__name__}: {e}): download it again.") from e
 
 
 class ArchiveJobs:
@@ -298,12 +313,18 @@ class ArchiveJobs:
 
   def __iter__(self) -> Iterator[Job]:
     seen = set()
-    for member, data in archive_members(
-        self.archive, lambda m: os.path.basename(m) in self.jobs):
-      base = os.path.basename(member)
-      if base not in seen:
-        seen.add(base)
-        yield dataclasses.replace(self.jobs[base], source=data)
+    try:
+      for member, data in archive_members(
+          self.archive, lambda m: os.path.basename(m) in self.jobs):
+        base = os.path.basename(member)
+        if base not in seen:
+          seen.add(base)
+          yield dataclasses.replace(self.jobs[base], source=data)
+    except ArchiveError as e:
+      # What was read is kept; the rest is skipped as missing, counted in the
+      # manifest, as a bad video would be.
+      logging.warning("%s The %d videos not read yet are skipped as missing.", e,
+                      len(self.jobs) - len(seen))
     for base, job in self.jobs.items():
       if base not in seen:
         yield dataclasses.replace(job, source=os.path.join(self.archive, base))
