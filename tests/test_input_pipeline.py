@@ -400,3 +400,12 @@ def test_worker_processes_yield_the_same_batches(data_dir):
     for key in expected:
       np.testing.assert_array_equal(have[key], expected[key])
   got.close()  # Stops the workers now rather than at garbage collection.
+
+
+def test_pipeline_benchmark_names_a_split_too_small_to_time(data_dir):
+  from cvc_jax.benchmarks import input_pipeline as bench  # pylint: disable=g-import-not-at-top
+  test_videos = input_pipeline.num_videos(_config(data_dir), "test")
+  with pytest.raises(ValueError, match=f"Split 'test' has {test_videos} videos, one batch "
+                                       f"of {test_videos}: timing evaluation needs two"):
+    bench.measure("synthetic_motion/tiny", str(data_dir), split="train", eval_split="test",
+                  batch_size=test_videos, batches=1, repeats=1)

@@ -128,6 +128,11 @@ def measure(dataset: str, data_dir: str, *, split: str, eval_split: str,
   source = ip.data_source(config, split)
   eval_source = ip.data_source(config, eval_split)
   num_eval = min(batches, ip.num_eval_batches(config, eval_split) - 1)
+  if num_eval < 1:  # the first batch warms up, untimed
+    raise ValueError(
+        f"Split {eval_split!r} has {len(eval_source)} videos, one batch of "
+        f"{batch_size}: timing evaluation needs two. Use a smaller --batch_size, or "
+        "more videos (--fake_videos).")
   pretrain_frames = _pretrain_frames(config, source, batches)
   eval_frames = _eval_frames(config, eval_source,
                              (num_eval + 1) * batch_size)[batch_size:]
