@@ -153,6 +153,15 @@ def test_bfloat16_compute_keeps_float32_parameters():
     np.testing.assert_allclose(half[name], full[name], rtol=0.1, atol=0.05, err_msg=name)
 
 
+def test_unknown_compute_dtype_is_named():
+  config = ucf101.get_config("runlocal")
+  with config.unlocked():
+    config.dtype = "bf16"
+  with pytest.raises(ValueError, match=r"config.dtype must be one of \('float32', "
+                                       r"'bfloat16'\), got 'bf16'"):
+    cvc.build_model(config)
+
+
 def test_unknown_variant_is_named():
   with pytest.raises(ValueError, match="sigmaa"):
     ucf101.get_config("sigmaa=mlp")

@@ -153,9 +153,16 @@ class CVCModel(nn.Module):
                      f"{self.sigma!r}.")
 
 
+# What `config.dtype` may say: the compute dtype (parameters stay float32).
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 def build_model(config) -> CVCModel:
   """The pretraining model for a full config (reads `config.model`, `config.dtype`,
   `config.remat`)."""
+  if config.get("dtype", "float32") not in COMPUTE_DTYPES:
+    raise ValueError(f"config.dtype must be one of {COMPUTE_DTYPES}, got "
+                     f"{config.dtype!r}.")
   m = config.model
   return CVCModel(
       encoder=m.encoder.to_dict() if hasattr(m.encoder, "to_dict") else dict(m.encoder),
