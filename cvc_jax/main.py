@@ -8,6 +8,7 @@ Runs launched as several processes (TPU pod slices, SLURM) add --distributed.
 """
 
 import logging as pylogging
+import sys
 
 from absl import app
 from absl import flags
@@ -61,5 +62,19 @@ def main(argv):
                          f"got {mode!r}.")
 
 
+def _parse_flags(argv):
+  """absl's flag parsing; a --config.KEY the config lacks is said in one line
+  (ml_collections raises it from deep inside the parsing, as a traceback)."""
+  try:
+    return app.parse_flags_with_usage(argv)  # says a bad value in one line itself
+  except (AttributeError, KeyError) as e:
+    detail = e
+    while isinstance(detail, BaseException) and detail.args:
+      detail = detail.args[0]  # ml_collections wraps its KeyError's message twice
+    sys.exit(f"FATAL: no such config key: {detail}\n(Overrides name keys of the "
+             "config file, e.g. --config.batch_size=8; a config's keys are in "
+             "configs/common.py.)")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -152,6 +152,17 @@ def test_nonfinite_loss_stops_naming_step_and_term(tmp_path, data_dir, monkeypat
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(params))
 
 
+def test_a_misspelt_config_key_is_one_line_naming_it(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "cvc_jax.main", "--config=configs/demo.py",
+       f"--workdir={tmp_path}", "--config.bacth_size=2"], cwd=ROOT,
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert "FATAL: no such config key: 'bacth_size'" in proc.stderr, proc.stderr[-2000:]
+  assert 'Did you mean "batch_size"' in proc.stderr and "Traceback" not in proc.stderr
+  assert not os.listdir(tmp_path)  # nothing written
+
+
 # Every named variant that differs from the defaults (supplementary Tables 1-5).
 VARIANTS = ["sigma=linear", "sigma=mlp", "decoder=linear", "decoder=128", "topk=2",
             "topk=10", "encoders=separate", "backbone=r2plus1d18_224", "backbone=r3d34",
