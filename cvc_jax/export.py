@@ -42,6 +42,11 @@ def export(workdir: str, out: str, *, fmt: str = "orbax", encoder: str = "backbo
   """
   if fmt not in _FORMATS:
     raise ValueError(f"format must be one of {_FORMATS}, got {fmt!r}.")
+  targets = [out] if fmt == "orbax" else [_torch_base(out) + e for e in (".safetensors", ".pth")]
+  for target in targets:
+    if os.path.exists(target) and not (os.path.isdir(target) and not os.listdir(target)):
+      raise FileExistsError(f"{target} exists; an export never replaces one. Choose "
+                            "another --out, or remove it first.")
   config, enc_vars, step = exported.encoder_from_workdir(workdir, encoder=encoder,
                                                         step=step)
   enc_cfg, inputs = config["model"]["encoder"], config["input"]
@@ -57,17 +62,27 @@ def export(workdir: str, out: str, *, fmt: str = "orbax", encoder: str = "backbo
   return _write_torch(out, convert.encoder_to_torch(enc_vars, enc_cfg), info)
 
 
+def _torch_base(out: str) -> str:
+  """OUT without a .safetensors, .pth or .pt ending."""
+  for ending in (".safetensors", ".pth", ".pt"):
+    if out.endswith(ending):
+      return out[:-len(ending)]
+  return out
+
+
 def _write_torch(out: str, state_dict: dict[str, np.ndarray], info: dict[str, Any]
                  ) -> list[str]:
   """OUT.safetensors (architecture as metadata) and, with torch, OUT.pth."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  base = out
-  for ending in (".safetensors", ".pth", ".pt"):
-    if base.endswith(ending):
-      base = base[:-len(ending)]
+  base = _torch_base(out)
   os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
   written = [base + ".safetensors"]
   save_file(dict(state_dict), written[0], metadata={"cvc_jax": json.dumps(info)})
+  # safetensors writes through a private temporary file (mode 0600): give it the
+  # mode any new file gets, as the .pth beside it has.
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(written[0], 0o666 & ~umask)
   try:
     import torch  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:

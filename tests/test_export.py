@@ -181,6 +181,10 @@ def test_torch_export_loads_strictly_and_agrees(tmp_path, workdir, layout):
     for key in f.keys():
       np.testing.assert_array_equal(f.get_tensor(key), pth[key].numpy(), err_msg=key)
   assert info["encoder"]["arch"] == config.model.encoder.arch
+  assert os.stat(written[0]).st_mode & 0o777 == os.stat(written[1]).st_mode & 0o777
+  # An export never replaces an earlier one.
+  with pytest.raises(FileExistsError, match="enc.safetensors exists; an export never"):
+    export.export(path, str(tmp_path / "enc"), fmt="torch")
 
 
 def test_separate_encoders_export_the_chosen_one(tmp_path, workdir):
@@ -198,3 +202,5 @@ def test_separate_encoders_export_the_chosen_one(tmp_path, workdir):
                                rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="no encoder 'backbone_s'"):
     export.export(workdir[0], str(tmp_path / "x"), encoder="backbone_s")
+  with pytest.raises(FileExistsError, match="backbone exists; an export never replaces"):
+    export.export(path, str(tmp_path / "backbone"))
