@@ -311,3 +311,6 @@ def test_video_files_are_decoded_as_the_builders_decode_them(tmp_path):
   np.save(tmp_path / "video.npy", frames)
   np.testing.assert_array_equal(visualize.read_video(str(tmp_path / "video.npy"), 8),
                                 frames[:8])
+  from tfds_builders import video_io  # pylint: disable=g-import-not-at-top
+  with pytest.raises(video_io.VideoError, match="gone.mp4: missing: no such file"):
+    visualize.read_video(str(tmp_path / "gone.mp4"))
