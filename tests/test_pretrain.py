@@ -158,7 +158,7 @@ def test_unknown_compute_dtype_is_named():
   with config.unlocked():
     config.dtype = "bf16"
   with pytest.raises(ValueError, match=r"config.dtype must be one of \('float32', "
-                                       r"'bfloat16'\), got 'bf16'"):
+                                       r"'bfloat16', 'float64'\), got 'bf16'"):
     cvc.build_model(config)
 
 

@@ -153,8 +153,9 @@ class CVCModel(nn.Module):
                      f"{self.sigma!r}.")
 
 
-# What `config.dtype` may say: the compute dtype (parameters stay float32).
-COMPUTE_DTYPES = ("float32", "bfloat16")
+# What `config.dtype` may say: the compute dtype (parameters stay float32);
+# float64 for numerical checks, with jax_enable_x64.
+COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
 
 
 def build_model(config) -> CVCModel:
