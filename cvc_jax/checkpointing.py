@@ -1,5 +1,6 @@
 """What the pretraining and the downstream training loops share about checkpoints:
-orbax's restore target, and preemption turned into a checkpoint and a clean stop.
+orbax's restore target, checking that a checkpoint fits, and preemption turned
+into a checkpoint and a clean stop.
 """
 
 import os
@@ -53,21 +54,37 @@ def _by_name(tree) -> dict:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-class StopSignal:
-  """Turns SIGTERM (preemption) into a flag a training loop checks between steps.
+class Preemption:
+  """Whether a training loop should save and stop after a step: SIGTERM, the
+  notice of a preemption, has come.
 
-  The loop then saves a checkpoint and returns; `restore()` puts the previous
-  handler back.
+  One process: a SIGTERM handler of its own sets a flag. Several processes:
+  every one must stop after the same step (a save and the next step's
+  collectives involve them all), and a notice may reach one host only or hosts
+  at different steps. jax.distributed's preemption service (installed by
+  `jax.distributed.initialize`, which catches SIGTERM itself: a handler of ours
+  would take its place) tells all of them one step, through the checkpoint
+  manager. `restore()` puts the previous handler back.
   """
 
-  def __init__(self):
-    self.received = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+  def __init__(self, manager: ocp.CheckpointManager):
+    self._manager = manager
+    self._received = False
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del frame
     logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
-    self.received = True
+    self._received = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step` (call once per step, on every process)."""
+    if self._previous is None:
+      return self._manager.reached_preemption(step)
+    return self._received
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)

@@ -4,7 +4,8 @@ r"""Entry point: pretraining, and (with a downstream config) evaluation.
     python -m cvc_jax.main --config=configs/ucf101.py:sigma=linear --workdir=DIR \
         --config.batch_size=128
 
-Runs launched as several processes (TPU pod slices, SLURM) add --distributed.
+Runs launched as several processes (TPU pod slices, SLURM) add --distributed;
+elsewhere also --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
 
 import logging as pylogging
@@ -25,6 +26,10 @@ flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and config
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() first: for runs of several "
                   "processes (its settings are detected on TPU pods and SLURM).")
+flags.DEFINE_string("coordinator_address", None, "With --distributed where nothing "
+                    "detects them: process 0's host:port ...")
+flags.DEFINE_integer("num_processes", None, "... the number of processes ...")
+flags.DEFINE_integer("process_id", None, "... and this one's index, from 0.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,7 +45,13 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
+    # orbax's barriers through the coordination service, not collectives: its
+    # asynchronous saves meet from a background thread, where a collective would
+    # interleave with the train step's (gloo, on CPUs, then fails outright).
+    FLAGS.experimental_orbax_use_distributed_barrier = True
   logging.info("JAX process %d of %d, %d local / %d global devices (%s).",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].device_kind)

@@ -318,7 +318,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   t, s = config.input.num_frames, config.input.crop_size
   views_shape = (config.batch_size, 6, t, s, s, 3)
-  rng = jax.random.key(config.seed)
+  # Replicated like the state, made by a jitted function (device_put cannot place
+  # onto other processes' devices): with several processes orbax refuses to save
+  # an array that lives on one process's device.
+  rng = jax.jit(functools.partial(jax.random.key, config.seed), out_shardings=replicated)()
   state = init_train_state(config, rng, views_shape, steps_per_epoch, sharding=replicated)
 
   # Resume: the newest checkpoint orbax finalised (a save cut short is never
@@ -356,6 +359,17 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                    in_shardings=(replicated, batch_sharding, replicated),
                    out_shardings=(replicated, replicated),
                    compiler_options=models.conv_compiler_options(config.dtype))
+  if jax.process_count() > 1 and start_step < total_steps:
+    # Compiled before the first step, then the processes meet at a barrier of the
+    # coordination service: a collective waits only so long for a process still
+    # compiling (gloo's, on CPUs, 30 s).
+    (h, w), b = config.input.raw_size, config.batch_size
+    shapes = {"frames": jax.ShapeDtypeStruct((b, 2 * t, h, w, 3), jnp.uint8,
+                                             sharding=batch_sharding),
+              "sizes": jax.ShapeDtypeStruct((b, 2), jnp.int32, sharding=batch_sharding)}
+    p_step = p_step.trace(state, shapes, rng).lower().compile()
+    ocp.multihost.get_barrier_sync_fn()(key="cvc_jax: train step compiled",
+                                        timeout_ms=3_600_000)
   batches = input_pipeline.pretrain_batches(config, start_step=start_step)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
@@ -363,7 +377,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   schedule = optax.piecewise_constant_schedule(
       config.optim.lr, {int(e * steps_per_epoch): config.optim.decay_factor
                         for e in config.optim.decay_epochs})
-  stop = checkpointing.StopSignal()
+  preemption = checkpointing.Preemption(manager)
   log_every = config.get("log_every_steps", 50)
   pending = None  # the previous step's metrics, read one step late to keep overlap
   timer = time.perf_counter()
@@ -384,9 +398,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         scalars.update(lr=float(schedule(step)), steps_per_sec=log_every / elapsed,
                        clips_per_sec=log_every * config.batch_size * 6 / elapsed)
         writer.write_scalars(step + 1, scalars)
-      preempted = stop.received
-      if jax.process_count() > 1:
-        preempted = preempted or manager.reached_preemption(step + 1)
+      preempted = preemption.reached(step + 1)
       if preempted or step + 1 == total_steps or manager.should_save(step + 1):
         # Only a state known to be finite is ever written.
         _check_finite(step, metrics, manager)
@@ -401,7 +413,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   finally:
     manager.wait_until_finished()
     writer.flush()
-    stop.restore()
+    preemption.restore()
   return state
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from absl import logging
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import optax
@@ -152,6 +153,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       manager.close()  # no asynchronous machinery left to complain at exit
       raise
     logging.info("Resumed %s from step %d of %d.", config.mode, start_step, total_steps)
+  if jax.process_count() > 1:  # every process has read config.json before it changes
+    multihost_utils.sync_global_devices("downstream config.json checked")
   if jax.process_index() == 0:  # what _check_same_run reads when this run resumes
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -161,7 +164,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   rng = jax.random.key(config.seed + 1)
   batches = input_pipeline.train_clip_batches(config, start_step=start_step)
-  stop = checkpointing.StopSignal()
+  preemption = checkpointing.Preemption(manager)
   try:
     for i in range(start_step, total_steps):
       local = next(batches)
@@ -171,16 +174,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       report(i + 1)
       if (i + 1) % config.log_every_steps == 0 or i + 1 == total_steps:
         writer.write_scalars(i + 1, {"train_loss": float(loss)})
-      if stop.received or i + 1 == total_steps or manager.should_save(i + 1):
+      preempted = preemption.reached(i + 1)  # once: a signal may come in between
+      if preempted or i + 1 == total_steps or manager.should_save(i + 1):
         manager.save(i + 1, args=ocp.args.StandardSave(dict(step=i + 1, state=state)),
                      force=True)
-      if stop.received:
+      if preempted:
         logging.warning("Stopped at step %d after a preemption signal; run the same "
                         "command again to resume.", i + 1)
         return {}
   finally:
     manager.wait_until_finished()
-    stop.restore()
+    preemption.restore()
 
   params, batch_stats, _ = state
   variables = {"params": params, "batch_stats": batch_stats}

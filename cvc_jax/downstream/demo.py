@@ -67,8 +67,9 @@ def compare(config, workdir: str) -> str:
                   f"{100 * recall['R@1']:.1f} | {100 * recall['R@5']:.1f} |")
   table = "\n".join(["| encoder | label | linear probe top-1 | R@1 | R@5 |",
                      "| --- | --- | --- | --- | --- |", *rows])
-  evaluate.write_results(workdir, results, "Demo: pretrained vs random encoder")
-  with open(os.path.join(workdir, "demo_results.md"), "w") as f:
-    f.write(table + "\n")
-  print(table)
+  if jax.process_index() == 0:  # every process has the results; one writes them
+    evaluate.write_results(workdir, results, "Demo: pretrained vs random encoder")
+    with open(os.path.join(workdir, "demo_results.md"), "w") as f:
+      f.write(table + "\n")
+    print(table)
   return table

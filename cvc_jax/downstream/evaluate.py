@@ -94,12 +94,13 @@ def clip_averaged(config, per_clip: Callable, variables, *, split: str,
   for local in tqdm.tqdm(batches, total=input_pipeline.num_eval_batches(config, split),
                          desc=f"{config.input.dataset} {split}", unit="batch",
                          disable=jax.process_index() > 0):
-    frames, sizes = (jax.make_array_from_process_local_data(batch_sharding, local[k])
-                     for k in ("frames", "sizes"))
-    out = multihost_utils.process_allgather(run(variables, frames, sizes), tiled=True)
-    rows["out"].append(np.asarray(out))
-    for key in ("video_index", "mask", "label"):
-      rows[key].append(multihost_utils.process_allgather(local[key], tiled=True))
+    batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
+             for k in ("frames", "sizes", "video_index", "mask", "label")}
+    batch["out"] = run(variables, batch.pop("frames"), batch.pop("sizes"))
+    # All gathered as global arrays of one sharding, so each output row stays with
+    # its video's index whatever order the mesh puts the processes' devices in.
+    for key, value in batch.items():
+      rows[key].append(np.asarray(multihost_utils.process_allgather(value, tiled=True)))
   stacked = {k: np.concatenate(v) for k, v in rows.items()}
   num = input_pipeline.num_videos(config, split)
   return metrics.gather_by_video(stacked["video_index"], stacked["mask"], stacked["out"],

@@ -113,7 +113,14 @@ def read_workdir(workdir: str, *, step: int | None = None) -> tuple[dict, dict, 
   path, step = latest_checkpoint(workdir, step)
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
-  restored = ocp.StandardCheckpointer().restore(path)
+  # Onto this process's first device, whatever devices wrote it: orbax would
+  # otherwise place it as saved, and refuse a checkpoint of several processes.
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      checkpointer.metadata(path).item_metadata.tree)
+  restored = checkpointer.restore(path, target)
   variables = {c: jax.tree_util.tree_map(jnp.asarray, restored[c])
                for c in ("params", "batch_stats")}
   return config, variables, step
