@@ -42,7 +42,7 @@ setuptools.setup(
                  "Learning (ECCV 2022) in JAX/Flax"),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10's
     packages=setuptools.find_packages(include=["cvc_jax", "cvc_jax.*", "configs",
                                                "configs.*", "tfds_builders",
                                                "tfds_builders.*"]),

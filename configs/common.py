@@ -52,6 +52,9 @@ def base() -> ml_collections.ConfigDict:
   # supplementary describes). Colour, grayscale and blur are always their own.
   c.input.static_crop = "own"
   c.input.prefetch = 2  # batches prepared ahead on the host
+  # Decoding: 0 = threads of this process; N = N worker processes (grain's), for
+  # hosts whose threads do not keep the cores busy (README, input pipeline).
+  c.input.num_workers = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.encoder = ml_collections.ConfigDict(

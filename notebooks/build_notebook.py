@@ -192,7 +192,9 @@ clips = np.zeros((1, config.input.num_frames, size, size, 3), np.float32)
 pooled, feature_map = module.apply(encoder_vars, clips, train=False)
 print("restored", exported.read_info(folder)["encoder"], "features", pooled.shape,
       "feature map", feature_map.shape)
-print("wrote", export.export(WORKDIR, os.path.join(WORKDIR, "r2plus1d"), fmt="torch"))"""
+torch_path = os.path.join(WORKDIR, "r2plus1d")  # an export never replaces one
+if not os.path.exists(torch_path + ".safetensors"):
+  print("wrote", export.export(WORKDIR, torch_path, fmt="torch"))"""
 
 
 def build() -> nbformat.NotebookNode:
