@@ -55,6 +55,7 @@ def base() -> ml_collections.ConfigDict:
   # Decoding: 0 = threads of this process; N = N worker processes (grain's), for
   # hosts whose threads do not keep the cores busy (README, input pipeline).
   c.input.num_workers = 0
+  c.input.num_threads = 0  # decoding threads; 0 = this process's cores, at most 16
 
   c.model = ml_collections.ConfigDict()
   c.model.encoder = ml_collections.ConfigDict(

@@ -434,7 +434,8 @@ def _threads(config) -> int:
   """Decoding threads per process (1 in each of input.num_workers processes)."""
   if config.input.get("num_workers", 0):
     return 1
-  return config.input.get("num_threads", 0) or min(16, os.cpu_count() or 1)
+  # The cores this process may run on (a SLURM task's, not the node's).
+  return config.input.get("num_threads", 0) or min(16, len(os.sched_getaffinity(0)))
 
 
 def _stream(config, batches: grain.MapDataset):
