@@ -460,7 +460,11 @@ def _stream(config, batches: grain.MapDataset):
 
 
 def _raw_size(config) -> tuple[int, int]:
-  return tuple(int(s) for s in config.input.raw_size)
+  size = tuple(int(s) for s in config.input.raw_size)
+  if len(size) != 2:
+    raise ValueError(f"config.input.raw_size is the frame canvas (height, width), "
+                     f"e.g. (128, 228); got {config.input.raw_size}.")
+  return size
 
 
 class _Videos:

@@ -278,6 +278,12 @@ def test_errors_are_clear(tmp_path, data_dir):
     input_pipeline.ensure_built(config)
 
 
+def test_a_canvas_that_is_not_height_and_width_is_named(data_dir):
+  config = _config(data_dir, raw_size=(40,))
+  with pytest.raises(ValueError, match=r"raw_size is the frame canvas \(height, width\)"):
+    next(input_pipeline.pretrain_batches(config))
+
+
 def test_frames_smaller_than_the_crop_are_named():
   from tfds_builders import video_builder  # pylint: disable=g-import-not-at-top
   configs = {c.name: c for c in video_builder.official_split_configs()}

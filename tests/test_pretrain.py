@@ -162,6 +162,15 @@ def test_unknown_compute_dtype_is_named():
     cvc.build_model(config)
 
 
+def test_an_encoder_without_4_stages_is_named():
+  config = ucf101.get_config("runlocal")
+  with config.unlocked():
+    config.model.encoder.blocks = (1,)
+  with pytest.raises(ValueError, match=r"model.encoder.blocks gives the blocks of the 4 "
+                                       r"stages, e.g. \(2, 2, 2, 2\); got \(1,\)"):
+    pretrain.init_train_state(config, jax.random.key(0), (2, 6, 4, 32, 32, 3), 1)
+
+
 def test_unknown_variant_is_named():
   with pytest.raises(ValueError, match="sigmaa"):
     ucf101.get_config("sigmaa=mlp")

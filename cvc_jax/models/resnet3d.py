@@ -650,6 +650,9 @@ class VideoResNet(nn.Module):
     if self.arch not in ("r2plus1d", "r3d", "mc3"):
       raise ValueError(f"Unknown torchvision video ResNet {self.arch!r}; "
                        "use 'r2plus1d', 'r3d' or 'mc3'.")
+    if len(self.blocks) != 4:
+      raise ValueError(f"model.encoder.blocks gives the blocks of the 4 stages, e.g. "
+                       f"(2, 2, 2, 2); got {tuple(self.blocks)}.")
     bn = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
     conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl)
     stem = functools.partial(stem_conv, name="stem_0", dtype=self.dtype,
