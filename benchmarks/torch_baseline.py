@@ -216,8 +216,6 @@ class TorchStep:
     self.views = views.view(b, 6, 3, t, s, s)
     self.queue = torch.randn(args.queue, 6, 2 * args.concepts, device=device)
     self.loss_fn = torch.compile(total_loss) if args.compile else total_loss
-    if device.type == "cuda":
-      torch.cuda.reset_peak_memory_stats(device)
     # FLOPs of one eager step, counted from the operators' shapes.
     counter = FlopCounterMode(display=False)
     with counter:
@@ -227,6 +225,10 @@ class TorchStep:
     start = time.perf_counter()
     self()
     self.compile_time = time.perf_counter() - start
+    if device.type == "cuda":
+      # The peak of the steps timed from here: the eager step above (and, with
+      # torch.compile, the compiling one) may hold more than the step timed.
+      torch.cuda.reset_peak_memory_stats(device)
 
   def _sync(self):
     if self.device.type == "cuda":

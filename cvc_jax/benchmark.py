@@ -47,7 +47,12 @@ CLIPS_PER_VIDEO = 6  # v1 v2 s1 s2 d1 d2
 # (per-chip bf16: v4 275, v5e 197, v5p 459, v6e 918). TPUs multiply float32 on
 # the bf16 MXU in several passes; their bf16 peak is the ceiling for both.
 # Keys are matched against the lower-cased `device_kind`, first match wins.
+# Variants with other peaks that these sources do not give (the NVL cards, the
+# v4 inference chip) map to None: no MFU rather than a wrong one.
 PEAK_TFLOPS = (
+    ("h100 nvl", (None, None)),
+    ("h200 nvl", (None, None)),
+    ("tpu v4 lite", (None, None)),
     ("h100 pcie", (756.0, 51.0)),
     ("h100", (989.0, 67.0)),
     ("h200", (989.0, 67.0)),
@@ -258,15 +263,17 @@ def _step_fn(config, steps_per_epoch):
   return step_fn
 
 
-def _unpadded(config):
-  """`config`, or a copy whose '3d_pad8' convolutions are the '3d' ones they
-  compute and whose space-to-depth stem is the convolution it computes: the
-  zeros that padding and the 8x8 taps add are not the model's work, so MFU
-  leaves them out."""
+def _model_work(config):
+  """`config`, or a copy that computes the same model without what the speed
+  options add: '3d_pad8' convolutions as the '3d' ones they compute, the
+  space-to-depth stem as its convolution, no rematerialisation. The zeros that
+  padding and the 8x8 taps add and the forward passes remat repeats are not the
+  model's work, so MFU leaves them out (model FLOPs, not hardware FLOPs)."""
   pad8 = config.model.encoder.get("conv_impl") == "3d_pad8"
   s2d = resnet3d.resolve_stem_impl(config.model.encoder.get("stem_impl", "auto"),
                                   config.dtype) == "space_to_depth"
-  if not (pad8 or s2d):
+  remat = config.get("remat", "none") != "none"
+  if not (pad8 or s2d or remat):
     return config
   config = config.copy_and_resolve_references()
   with config.unlocked():
@@ -274,6 +281,8 @@ def _unpadded(config):
       config.model.encoder.conv_impl = "3d"
     if s2d:
       config.model.encoder.stem_impl = "conv"
+    if remat:
+      config.remat = "none"
   return config
 
 
@@ -311,7 +320,7 @@ def jitted_step(config, mesh: Mesh, steps_per_epoch: int = 1):
 def step_flops(config) -> float:
   """`jaxpr_flops` of one train step of `config`, traced from shapes alone (nothing
   is allocated or compiled): what the benchmark's MFU counts, for any batch."""
-  config = _unpadded(config)
+  config = _model_work(config)
   return jaxpr_flops(jax.make_jaxpr(_step_fn(config, 1))(*abstract_inputs(config)))
 
 
@@ -417,12 +426,13 @@ class TrainStep:
     # compiled program leaves out library calls (on an H100 it counted 0.28 of
     # the 23 TFLOP of configs/ucf101.py's step at batch 16: the cuDNN
     # convolutions are missing), so it is shown beside, not used.
-    model_config = _unpadded(config)
+    model_config = _model_work(config)
     self.flops = (jaxpr_flops(traced.jaxpr) if model_config is config
                   else step_flops(model_config))
     # SPMD programs are per device: the compiled cost analysis counts one share.
     xla = _flops(self.compiled)
-    self.flops_source = "convolutions and matrix products of the jaxpr; XLA cost " + (
+    self.flops_source = ("the model's convolutions and matrix products (jaxpr; no "
+                         "padding, no remat recomputation); XLA cost ") + (
         f"analysis {xla * len(self.devices) / 1e12:.3f} T" if xla else "analysis n/a")
 
   def launch(self):

@@ -49,6 +49,8 @@ def test_peaks_and_mfu():
   assert benchmark.peak_tflops("TPU v4", "float32") == 275.0
   assert benchmark.peak_tflops("TPU v6 lite", "bfloat16") == 918.0
   assert benchmark.peak_tflops("cpu", "float32") is None
+  assert benchmark.peak_tflops("NVIDIA H100 NVL", "bfloat16") is None  # not the SXM's
+  assert benchmark.peak_tflops("TPU v4 lite", "bfloat16") is None
   s = _result().summary()
   assert s["step_time_median_s"] == 0.5
   assert s["videos_per_s"] == 32.0 and s["clips_per_s"] == 192.0
@@ -148,7 +150,7 @@ def test_count_flops_command_compiles_nothing():
   assert expected == pytest.approx(2 * benchmark.step_flops(config), rel=0.01)
 
 
-def test_padded_convolutions_count_the_model_flops():
+def test_speed_options_count_only_the_model_flops():
   config = reference.get_config("runlocal")
   config.model.encoder.conv_impl = "3d"
   plain = benchmark.step_flops(config)
@@ -156,6 +158,9 @@ def test_padded_convolutions_count_the_model_flops():
   assert benchmark.step_flops(config) == plain
   config.model.encoder.conv_impl = "3d"
   config.model.encoder.stem_impl = "space_to_depth"  # nor the 8x8 stem's zero taps
+  assert benchmark.step_flops(config) == plain
+  config.model.encoder.stem_impl = "conv"
+  config.remat = "blocks"  # nor the forward passes remat repeats
   assert benchmark.step_flops(config) == plain
 
 
