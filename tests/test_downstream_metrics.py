@@ -38,6 +38,10 @@ def test_classification_metrics_by_hand():
   assert got["top1"] == 0.5 and got["top5"] == 1.0
   assert got["confusion"] == [[1, 0, 0], [1, 0, 1], [0, 0, 1]]
   assert got["per_class"] == {"a": 1.0, "b": 0.0, "c": 1.0}
+  # Top-5 over 7 classes: the true class ranked 5th counts, 6th does not.
+  ranks = np.array([[0.30, 0.20, 0.15, 0.12, 0.10, 0.08, 0.05]] * 2)
+  top5 = metrics.classification_metrics(ranks, np.array([4, 5]), list("abcdefg"))["top5"]
+  assert top5 == 0.5
 
 
 def test_gather_counts_each_video_once():

@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -145,12 +146,25 @@ def test_bfloat16_compute_keeps_float32_parameters():
   full = pretrain.loss_terms(variables, views, config, queue=queue, epoch=6)
   with config.unlocked():
     config.dtype = "bfloat16"
-  half_vars = jax.eval_shape(functools.partial(cvc.build_model(config).init, train=False),
-                             jax.random.PRNGKey(0), views)
+  init = functools.partial(cvc.build_model(config).init, train=False)
+  half_vars = jax.eval_shape(init, jax.random.PRNGKey(0), views)
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(half_vars))
   half = pretrain.loss_terms(variables, views, config, queue=queue, epoch=6)
-  for name in ("I_vv", "align_s", "rec_v"):
-    np.testing.assert_allclose(half[name], full[name], rtol=0.1, atol=0.05, err_msg=name)
+  # The model's convolutions and matrix products do run in bfloat16 ...
+  jaxpr = jax.make_jaxpr(init)(jax.random.PRNGKey(0), views)
+  def operand_dtypes(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+        yield eqn.invars[0].aval.dtype
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from operand_dtypes(sub)
+  dtypes = list(operand_dtypes(jaxpr.jaxpr))
+  assert dtypes.count(jnp.bfloat16) > len(dtypes) / 2, dtypes
+  # ... and the terms stay close to float32's (measured: I_vv 0.09 apart, the
+  # others under 0.003), yet not equal.
+  for name, atol in (("I_vv", 0.3), ("align_s", 0.01), ("rec_v", 0.01)):
+    np.testing.assert_allclose(half[name], full[name], rtol=0, atol=atol, err_msg=name)
+  assert any(half[name] != full[name] for name in ("I_vv", "align_s", "rec_v"))
 
 
 def test_unknown_compute_dtype_is_named():

@@ -173,6 +173,8 @@ VARIANTS = ["sigma=linear", "sigma=mlp", "decoder=linear", "decoder=128", "topk=
 def test_every_variant_takes_a_step(variant):
   from cvc_jax import views  # pylint: disable=g-import-not-at-top
   config = ucf101.get_config(f"{variant},runlocal")
+  # runlocal shrinks the variant, but it is still a variant.
+  assert config.to_dict() != ucf101.get_config("runlocal").to_dict()
   t, (h, w), s = config.input.num_frames, config.input.raw_size, config.input.crop_size
   frames = np.random.default_rng(0).integers(0, 256, (4, 2 * t, h, w, 3), np.uint8)
   state = pretrain.init_train_state(config, jax.random.key(0), (4, 6, t, s, s, 3), 1)
@@ -187,5 +189,7 @@ def test_every_variant_takes_a_step(variant):
   assert not np.allclose(new.params["fvv_0"]["kernel"], state.params["fvv_0"]["kernel"])
   if variant == "encoders=separate":
     assert {"backbone", "backbone_s", "backbone_d"} <= set(new.params)
+  if variant == "decoder=128":  # runlocal: 128 / 16
+    assert new.params["gv_0"]["kernel"].shape == (2 * config.model.num_concepts, 8)
   if variant == "backbone=r3d50":  # bottleneck blocks: D = width x 8 x 4
     assert new.params["fvv_0"]["kernel"].shape[0] == config.model.sigma_dim == 8 * 8 * 4

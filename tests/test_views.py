@@ -305,10 +305,13 @@ def test_eval_views():
   # Resized regions of a flat grey stay flat grey: the padding is never read.
   np.testing.assert_allclose(out[1:], np.broadcast_to(_expected(np.uint8(100), config),
                                                       out[1:].shape), atol=1e-5)
-  # Whole canvas by default, no randomness.
+  # Without sizes, the whole H x W canvas; no randomness.
+  canvas = np.array([[H, W]])
   full = np.asarray(views.eval_views(frames[:1], config))
-  np.testing.assert_allclose(full, np.asarray(views.eval_views(frames[:1], config)))
-  assert np.isfinite(full).all()
+  np.testing.assert_allclose(full, np.asarray(views.eval_views(frames[:1], config, canvas)),
+                             atol=1e-6)
+  assert np.abs(full - np.asarray(views.eval_views(frames[:1], config, canvas[:, ::-1]))
+                ).max() > 0.1  # (W, H) would be another crop
 
 
 def test_blur_is_dm_pix_gaussian_blur_with_reflect_padding():
