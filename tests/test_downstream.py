@@ -153,6 +153,22 @@ def test_demo_compares_pretrained_and_random_on_both_labels(tmp_path, data_dir):
   for label in ("label_static", "label_dynamic"):
     assert results[f"pretrained/{label}"] == results[f"random init/{label}"]
 
+  # A later checkpoint with other encoder weights: its rows move, the baseline's
+  # do not (so "pretrained" does read the checkpoint).
+  leaves, tree = jax.tree_util.tree_flatten(state.params["backbone"])
+  noisy = [x + 0.5 * x.std() * jax.random.normal(jax.random.key(i), x.shape)
+           for i, x in enumerate(leaves)]
+  moved = state.replace(params=dict(state.params,
+                                    backbone=jax.tree_util.tree_unflatten(tree, noisy)))
+  manager.save(1, args=ocp.args.StandardSave(pretrain._checkpoint_tree(moved, rng)))  # pylint: disable=protected-access
+  manager.wait_until_finished()
+  demo.compare(config, workdir)
+  with open(tmp_path / "results.json") as f:
+    later = json.load(f)
+  for label in ("label_static", "label_dynamic"):
+    assert later[f"random init/{label}"] == results[f"random init/{label}"]
+    assert later[f"pretrained/{label}"] != results[f"pretrained/{label}"]
+
 
 def test_finetune_resumes_where_an_uninterrupted_run_ends(tmp_path, data_dir):
   """Finetune 2 epochs at once, or 1 epoch and then the same command for 2."""

@@ -307,7 +307,12 @@ def test_video_files_are_decoded_as_the_builders_decode_them(tmp_path):
     container.mux(stream.encode())
   got = visualize.read_video(str(tmp_path / "video.mp4"), max_frames=8)
   assert got.shape == (8, 40, 48, 3) and got.dtype == np.uint8
-  assert np.abs(got.astype(float) - frames[:8]).mean() < 12  # lossy codec and JPEG
+  # Lossy codec and JPEG (7.3 grey levels off on average here), frame by frame:
+  # each decoded frame is nearest its own source frame, and no colour shifts.
+  errors = np.abs(got[:, None].astype(float) - frames[None]).mean(axis=(2, 3, 4))
+  np.testing.assert_array_equal(errors.argmin(axis=1), np.arange(8))
+  assert errors[np.arange(8), np.arange(8)].max() < 9
+  assert np.abs((got.astype(float) - frames[:8]).mean(axis=(0, 1, 2))).max() < 3
   np.save(tmp_path / "video.npy", frames)
   np.testing.assert_array_equal(visualize.read_video(str(tmp_path / "video.npy"), 8),
                                 frames[:8])
