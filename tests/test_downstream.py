@@ -69,12 +69,39 @@ def authors_checkpoint(tmp_path_factory):
   return path
 
 
+def _torch_features(config, split, encoder):
+  """Clip-averaged features of the PyTorch encoder on the clips eval_views makes."""
+  from cvc_jax import views  # pylint: disable=g-import-not-at-top
+  feats, labels = {}, {}
+  for batch in input_pipeline.eval_batches(config, split=split,
+                                           num_clips=config.eval.num_clips):
+    clips = np.asarray(views.eval_views(batch["frames"], config, batch["sizes"]))
+    b, n = clips.shape[:2]
+    x = torch.from_numpy(clips.reshape((b * n,) + clips.shape[2:])).permute(0, 4, 1, 2, 3)
+    with torch.no_grad():
+      pooled = encoder(x)[0].numpy().reshape(b, n, -1).mean(axis=1)
+    for i in np.flatnonzero(batch["mask"]):
+      feats[int(batch["video_index"][i])] = pooled[i]
+      labels[int(batch["video_index"][i])] = int(batch["label"][i])
+  order = sorted(feats)
+  return np.stack([feats[i] for i in order]), np.asarray([labels[i] for i in order])
+
+
 def test_retrieval_from_an_authors_checkpoint(tmp_path, data_dir, authors_checkpoint):
+  from cvc_jax.downstream import metrics  # pylint: disable=g-import-not-at-top
   config = _tiny(ucf101_retrieval.get_config("runlocal"), data_dir,
                  init_from=authors_checkpoint, batch_size=8)
   recall = evaluate.run_retrieval(config, str(tmp_path))
-  values = [recall[f"R@{k}"] for k in config.eval.recall_ks]
-  assert values == sorted(values) and 0 <= values[0] <= 1 and values[-1] == 1.0
+  # The same protocol with the authors' encoder run by PyTorch on the same clips.
+  encoder = TorchVideoResNet("r2plus1d", (1, 1, 1, 1), width=8).eval()
+  state = torch.load(authors_checkpoint, weights_only=True)
+  encoder.load_state_dict({k[len("module.backbone."):]: v for k, v in state.items()
+                           if k.startswith("module.backbone.")})
+  train_f, train_l = _torch_features(config, config.eval.train_split, encoder)
+  test_f, test_l = _torch_features(config, config.eval.test_split, encoder)
+  want = metrics.retrieval_recall(test_f, test_l, train_f, train_l, ks=config.eval.recall_ks)
+  assert recall == pytest.approx(want, abs=1e-6)
+  assert recall["R@1"] < 1.0  # not a query finding itself
   with open(tmp_path / "results.json") as f:
     assert "PyTorch weights" in json.load(f)["init_from"]
 
