@@ -133,6 +133,11 @@ def test_negative_entropy_bounds():
   np.testing.assert_allclose(losses.negative_entropy(uniform), -np.log(k), rtol=1e-6)
   peaked = jnp.asarray(np.eye(k)[None, :3] * 100.0)
   assert losses.negative_entropy(peaked) > -1e-3
+  # Cosine-like codes at the temperature: sum p log p of softmax(codes / 0.1).
+  codes = RNG.uniform(-1, 1, size=(2, 3, k))
+  p = np.exp(codes / 0.1) / np.exp(codes / 0.1).sum(-1, keepdims=True)
+  np.testing.assert_allclose(losses.negative_entropy(jnp.asarray(codes)),
+                             np.mean(np.sum(p * np.log(p), -1)), rtol=1e-5)
 
 
 def test_reconstruction_is_negative_cosine():
