@@ -116,10 +116,7 @@ def concept_attention(model: ViewConcepts, variables, clips):
   q = inter["lit"]["project_q"]["__call__"][0]  # [B, C, dim]
   k = inter["lit"]["project_k"]["__call__"][0]  # [B, N, dim]
   fmap = next(inter[e]["__call__"][0][1] for e in cvc.ENCODERS if e in inter)
-  # The attention of `heads.LocalConceptAggregation`, from its own q and k.
-  logits = jnp.einsum("bcd,bnd->bnc", q * model.sigma_dim**-0.5, k)
-  attn = nn.softmax(logits, axis=-1) + 1e-8
-  attn = attn / jnp.sum(attn, axis=1, keepdims=True)
+  attn = heads.concept_attention(q, k, model.sigma_dim)  # the module's own
   return codes, attn.reshape(fmap.shape[:4] + (attn.shape[-1],))
 
 

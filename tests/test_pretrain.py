@@ -167,6 +167,18 @@ def test_bfloat16_compute_keeps_float32_parameters():
   assert any(half[name] != full[name] for name in ("I_vv", "align_s", "rec_v"))
 
 
+def test_concept_attention_runs_in_float32_whatever_the_compute_dtype():
+  from cvc_jax.models import heads  # pylint: disable=g-import-not-at-top
+  key_q, key_k = jax.random.split(jax.random.key(0))
+  q = (3 * jax.random.normal(key_q, (2, 16, 64))).astype(jnp.bfloat16)
+  k = (3 * jax.random.normal(key_k, (2, 98, 64))).astype(jnp.bfloat16)
+  attn = heads.concept_attention(q, k, 64)
+  assert attn.dtype == jnp.float32
+  np.testing.assert_allclose(attn.sum(axis=1), 1.0, atol=1e-6)  # per concept
+  want = heads.concept_attention(q.astype(jnp.float32), k.astype(jnp.float32), 64)
+  np.testing.assert_allclose(attn, want, rtol=1e-5, atol=1e-9)
+
+
 def test_unknown_compute_dtype_is_named():
   config = ucf101.get_config("runlocal")
   with config.unlocked():

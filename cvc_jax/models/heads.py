@@ -8,6 +8,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from cvc_jax.models.resnet3d import BatchNorm
@@ -50,6 +51,26 @@ def l2_normalize(x, axis=-1, eps=1e-12):
   return x / jnp.sqrt(jnp.maximum(squared, eps * eps))
 
 
+def concept_attention(q: jax.Array, k: jax.Array, dim: int) -> jax.Array:
+  """The attention of `LocalConceptAggregation` from its queries and keys (SPEC 3).
+
+  Softmax over the concepts (they compete for each token), + 1e-8, then each
+  concept's weights renormalised over the tokens; in float32 whatever the
+  compute dtype (in bfloat16 the 1e-8 vanishes and the sums drift by ~1e-2).
+
+  Args:
+    q: [B, C, dim] the templates' queries.
+    k: [B, N, dim] the tokens' keys.
+    dim: the width the logits are scaled by (1 / sqrt(dim)).
+
+  Returns:
+    float32 [B, N, C]; for each concept it sums to 1 over the N tokens.
+  """
+  logits = jnp.einsum("bcd,bnd->bnc", q * dim**-0.5, k, preferred_element_type=jnp.float32)
+  attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) + 1e-8
+  return attn / jnp.sum(attn, axis=1, keepdims=True)
+
+
 class LocalConceptAggregation(nn.Module):
   """Cross-attention from concept templates to local feature tokens (SPEC 3).
 
@@ -81,9 +102,7 @@ class LocalConceptAggregation(nn.Module):
     t = jnp.broadcast_to(templates, (tokens.shape[0],) + templates.shape)
     q = _dense(self.dim, "project_q", self.dtype, use_bias=False)(
         LayerNorm(dtype=self.dtype, name="norm_templates")(t))
-    logits = jnp.einsum("bcd,bnd->bnc", q * self.dim**-0.5, k)
-    attn = nn.softmax(logits, axis=-1) + 1e-8  # over concepts; 1e-8 keeps sums > 0
-    attn = attn / jnp.sum(attn, axis=1, keepdims=True)  # over tokens
+    attn = concept_attention(q, k, self.dim).astype(v.dtype)
     t = jnp.einsum("bnd,bnc->bcd", v, attn) + t
     h = LayerNorm(dtype=self.dtype, name="norm_mlp")(t)
     h = _dense(self.dim, "mlp_2", self.dtype)(
