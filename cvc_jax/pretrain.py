@@ -283,6 +283,14 @@ def data_mesh(batch_size: int, devices=None) -> Mesh:
   return Mesh(np.asarray(devices), ("data",))
 
 
+def replicate(tree, sharding: NamedSharding):
+  """Values every process holds alike (host arrays, or arrays on one of its own
+  devices), as global arrays placed by `sharding`, a replicated one: with several
+  processes `jax.device_put` cannot reach the other processes' devices."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
 def _checkpoint_tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
   """The saved state: parameters, BatchNorm statistics, optimiser, queues, step,
   and the run's base PRNG key. The input position is the step: batch s is a pure

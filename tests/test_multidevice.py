@@ -1,6 +1,7 @@
 """The full train step gives the same result on 1 device, 8 devices and 2 processes."""
 
 import glob
+import json
 import os
 import signal
 import socket
@@ -96,13 +97,13 @@ def test_main_in_two_processes_stops_on_one_sigterm_resumes_and_equals_one_proce
   two = tmp_path / "two"
   ckpts = two / "checkpoints"
 
-  def launch():
+  def launch(workdir=two, config_file="configs/demo.py", flags=overrides):
     port = _free_port()
     logs = [open(tmp_path / f"log{i}.txt", "w+") for i in range(2)]  # pylint: disable=consider-using-with
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "cvc_jax.main", "--config=configs/demo.py",
-         f"--workdir={two}", "--distributed", f"--coordinator_address=127.0.0.1:{port}",
-         "--num_processes=2", f"--process_id={i}", *overrides],
+        [sys.executable, "-m", "cvc_jax.main", f"--config={config_file}",
+         f"--workdir={workdir}", "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+         "--num_processes=2", f"--process_id={i}", *flags],
         cwd=ROOT, env=env, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
     return procs, logs
 
@@ -155,3 +156,18 @@ def test_main_in_two_processes_stops_on_one_sigterm_resumes_and_equals_one_proce
   distance = lambda a, b: max(np.abs(a[k] - b[k]).max() for k in a)
   assert distance(got, want) < 0.5 * distance(want, before), (
       distance(got, want), distance(want, before))
+
+  # 3) A linear probe from that checkpoint in 2 processes (training, the test
+  #    clips gathered across them): the test results of 1 process of 4 devices.
+  probe = ["--config=configs/eval/ucf101_linear.py:runlocal", *overrides[:3],
+           "--config.num_epochs=1", "--config.eval.num_clips=2", f"--config.init_from={two}"]
+  finish(*launch(tmp_path / "probe_two", probe[0][len("--config="):], probe[1:]))
+  one = subprocess.run(
+      [sys.executable, "-m", "cvc_jax.main", f"--workdir={tmp_path / 'probe_one'}", *probe],
+      cwd=ROOT, capture_output=True, text=True, timeout=400,
+      env=dict(os.environ, XLA_FLAGS=env["XLA_FLAGS"]))
+  assert one.returncode == 0, one.stderr[-3000:]
+  results = [json.loads((tmp_path / d / "results.json").read_text())["linear"]
+             for d in ("probe_two", "probe_one")]
+  assert sum(map(sum, results[0]["confusion"])) == 8  # every test video once
+  assert results[0]["confusion"] == results[1]["confusion"]

@@ -120,7 +120,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   params = dict(fc_vars["params"], backbone=enc_vars["params"])
   batch_stats = {"backbone": enc_vars["batch_stats"]}
   tx = _optimizer(config, steps_per_epoch, linear)
-  state = jax.device_put((params, batch_stats, tx.init(params)), replicated)
+  state = pretrain.replicate((params, batch_stats, tx.init(params)), replicated)
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def step(state, batch, rng):

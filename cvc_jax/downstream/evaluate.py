@@ -87,7 +87,7 @@ def clip_averaged(config, per_clip: Callable, variables, *, split: str,
     out = per_clip(variables, clips.reshape((b * n,) + clips.shape[2:]))
     return jnp.mean(out.reshape((b, n) + out.shape[1:]), axis=1)
 
-  variables = jax.device_put(variables, replicated)
+  variables = pretrain.replicate(variables, replicated)
   rows = {"out": [], "video_index": [], "mask": [], "label": []}
   batches = input_pipeline.eval_batches(config, split=split, num_clips=config.eval.num_clips,
                                         label_key=label_key)
