@@ -28,7 +28,7 @@ import time
 from absl import app
 from absl import flags
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 import numpy as np
 from ml_collections import config_flags
 
@@ -290,28 +290,19 @@ def abstract_inputs(config, replicated=None, batch_sharding=None):
   """The train state, batch and key of one step of `config` as shapes (nothing is
   allocated): state and key placed by `replicated`, the batch by `batch_sharding`
   (None: no placement)."""
-  b, t = config.batch_size, config.input.num_frames
-  (h, w), s = config.input.raw_size, config.input.crop_size
+  b, t, s = config.batch_size, config.input.num_frames, config.input.crop_size
   state = jax.eval_shape(lambda rng: pretrain.create_train_state(
       config, rng, (b, CLIPS_PER_VIDEO, t, s, s, 3), 1), jax.random.key(0))
-  batch = {"frames": jax.ShapeDtypeStruct((b, 2 * t, h, w, 3), np.uint8),
-           "sizes": jax.ShapeDtypeStruct((b, 2), np.int32)}
   rng = jax.eval_shape(lambda: jax.random.key(1))
-  place = lambda tree, sharding: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-  return place(state, replicated), place(batch, batch_sharding), place(rng, replicated)
-
-
-def step_shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
-  """(replicated, batch) placements on the 1-D `data` mesh: the state and key
-  replicated, the batch split along its first axis."""
-  return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  place = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), tree)
+  return place(state), pretrain.batch_shapes(config, batch_sharding), place(rng)
 
 
 def jitted_step(config, mesh: Mesh, steps_per_epoch: int = 1):
-  """The step as `TrainStep` compiles it, placed by `step_shardings`, the state
+  """The step as `TrainStep` compiles it, placed by `pretrain.shardings`, the state
   donated."""
-  replicated, batch_sharding = step_shardings(mesh)
+  replicated, batch_sharding = pretrain.shardings(mesh)
   return jax.jit(_step_fn(config, steps_per_epoch), donate_argnums=(0,),
                  in_shardings=(replicated, batch_sharding, replicated),
                  out_shardings=(replicated, replicated))
@@ -389,7 +380,7 @@ class TrainStep:
     self.config, self.log = config, log
     self.devices = jax.devices()
     mesh = pretrain.data_mesh(config.batch_size, self.devices)
-    replicated, batch_sharding = step_shardings(mesh)
+    replicated, batch_sharding = pretrain.shardings(mesh)
     b, t = config.batch_size, config.input.num_frames
     (h, w), s = config.input.raw_size, config.input.crop_size
     # Epoch = step: from `steady_epoch` on every term and the queue are on.

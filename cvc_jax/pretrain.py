@@ -283,6 +283,27 @@ def data_mesh(batch_size: int, devices=None) -> Mesh:
   return Mesh(np.asarray(devices), ("data",))
 
 
+def shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
+  """(replicated, batch) placements on a `data_mesh`: everything replicated but
+  the batch, split along its first axis."""
+  return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+
+def batch_shapes(config, sharding: NamedSharding | None = None) -> dict[str, Any]:
+  """A pretraining batch of `config` as shapes, placed by `sharding`: the 2T
+  uint8 frames of each video in the raw_size canvas and their true sizes."""
+  b, t, (h, w) = config.batch_size, config.input.num_frames, config.input.raw_size
+  return {"frames": jax.ShapeDtypeStruct((b, 2 * t, h, w, 3), jnp.uint8, sharding=sharding),
+          "sizes": jax.ShapeDtypeStruct((b, 2), jnp.int32, sharding=sharding)}
+
+
+def barrier(name: str) -> None:
+  """Every process waits here for all the others (none with one process), at the
+  coordination service's barrier: a collective would wait only so long for a
+  process still compiling (gloo's, on CPUs, 30 s)."""
+  ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=3_600_000)
+
+
 def replicate(tree, sharding: NamedSharding):
   """Values every process holds alike (host arrays, or arrays on one of its own
   devices), as global arrays placed by `sharding`, a replicated one: with several
@@ -323,7 +344,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   # One `data` axis over every device of every host; the batch is split along it
   # and everything else is replicated.
   mesh = data_mesh(config.batch_size)
-  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  replicated, batch_sharding = shardings(mesh)
   t, s = config.input.num_frames, config.input.crop_size
   views_shape = (config.batch_size, 6, t, s, s, 3)
   # Replicated like the state, made by a jitted function (device_put cannot place
@@ -368,23 +389,14 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                    out_shardings=(replicated, replicated),
                    compiler_options=models.conv_compiler_options(config.dtype))
   if jax.process_count() > 1 and start_step < total_steps:
-    # Compiled before the first step, then the processes meet at a barrier of the
-    # coordination service: a collective waits only so long for a process still
-    # compiling (gloo's, on CPUs, 30 s).
-    (h, w), b = config.input.raw_size, config.batch_size
-    shapes = {"frames": jax.ShapeDtypeStruct((b, 2 * t, h, w, 3), jnp.uint8,
-                                             sharding=batch_sharding),
-              "sizes": jax.ShapeDtypeStruct((b, 2), jnp.int32, sharding=batch_sharding)}
-    p_step = p_step.trace(state, shapes, rng).lower().compile()
-    ocp.multihost.get_barrier_sync_fn()(key="cvc_jax: train step compiled",
-                                        timeout_ms=3_600_000)
+    # Compiled before the first step, so that the processes start it together.
+    p_step = p_step.trace(state, batch_shapes(config, batch_sharding), rng).lower().compile()
+    barrier("cvc_jax: train step compiled")
   batches = input_pipeline.pretrain_batches(config, start_step=start_step)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
-  schedule = optax.piecewise_constant_schedule(
-      config.optim.lr, {int(e * steps_per_epoch): config.optim.decay_factor
-                        for e in config.optim.decay_epochs})
+  schedule = lr_schedule(config.optim, steps_per_epoch)
   preemption = checkpointing.Preemption(manager)
   log_every = config.get("log_every_steps", 50)
   pending = None  # the previous step's metrics, read one step late to keep overlap

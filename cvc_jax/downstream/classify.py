@@ -14,8 +14,6 @@ from typing import Any
 from absl import logging
 import flax.linen as nn
 import jax
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
@@ -74,9 +72,9 @@ def _check_same_run(config, workdir: str) -> None:
   with open(path) as f:
     before = json.load(f)
   before.setdefault("mode", "pretrain")  # pretraining configs have no mode
-  differ = []
+  differ, now = [], config.to_dict()
   for key in _SAME_RUN_KEYS:
-    old, new = before, config.to_dict()
+    old, new = before, now
     for part in key.split("."):
       old = old.get(part) if isinstance(old, dict) else None
       new = new.get(part)
@@ -109,7 +107,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   model = Classifier(encoder, label.num_classes, dropout=config.model.dropout)
 
   mesh = pretrain.data_mesh(config.batch_size)
-  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  replicated, batch_sharding = pretrain.shardings(mesh)
   with config.unlocked():
     config.input.split = config.eval.train_split
   steps_per_epoch = input_pipeline.steps_per_epoch(config)
@@ -153,8 +151,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       manager.close()  # no asynchronous machinery left to complain at exit
       raise
     logging.info("Resumed %s from step %d of %d.", config.mode, start_step, total_steps)
-  if jax.process_count() > 1:  # every process has read config.json before it changes
-    multihost_utils.sync_global_devices("downstream config.json checked")
+  pretrain.barrier("cvc_jax: config.json checked")  # by all, before it changes
   if jax.process_index() == 0:  # what _check_same_run reads when this run resumes
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))

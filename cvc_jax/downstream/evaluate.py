@@ -17,7 +17,6 @@ from absl import logging
 import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -78,7 +77,7 @@ def clip_averaged(config, per_clip: Callable, variables, *, split: str,
   from cvc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
   mesh = pretrain.data_mesh(config.batch_size)
-  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  replicated, batch_sharding = pretrain.shardings(mesh)
 
   @jax.jit
   def run(variables, frames, sizes):
