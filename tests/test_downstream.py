@@ -69,8 +69,8 @@ def authors_checkpoint(tmp_path_factory):
   return path
 
 
-def _torch_features(config, split, encoder):
-  """Clip-averaged features of the PyTorch encoder on the clips eval_views makes."""
+def _torch_features(config, split, encoder, head=lambda pooled: pooled):
+  """Clip-averaged head(features) of the PyTorch encoder on eval_views' clips."""
   from cvc_jax import views  # pylint: disable=g-import-not-at-top
   feats, labels = {}, {}
   for batch in input_pipeline.eval_batches(config, split=split,
@@ -79,12 +79,21 @@ def _torch_features(config, split, encoder):
     b, n = clips.shape[:2]
     x = torch.from_numpy(clips.reshape((b * n,) + clips.shape[2:])).permute(0, 4, 1, 2, 3)
     with torch.no_grad():
-      pooled = encoder(x)[0].numpy().reshape(b, n, -1).mean(axis=1)
+      pooled = head(encoder(x)[0]).numpy().reshape(b, n, -1).mean(axis=1)
     for i in np.flatnonzero(batch["mask"]):
       feats[int(batch["video_index"][i])] = pooled[i]
       labels[int(batch["video_index"][i])] = int(batch["label"][i])
   order = sorted(feats)
   return np.stack([feats[i] for i in order]), np.asarray([labels[i] for i in order])
+
+
+def _authors_encoder(path):
+  """The authors' encoder in PyTorch, with the checkpoint's weights."""
+  encoder = TorchVideoResNet("r2plus1d", (1, 1, 1, 1), width=8).eval()
+  state = torch.load(path, weights_only=True)
+  encoder.load_state_dict({k[len("module.backbone."):]: v for k, v in state.items()
+                           if k.startswith("module.backbone.")})
+  return encoder
 
 
 def test_retrieval_from_an_authors_checkpoint(tmp_path, data_dir, authors_checkpoint):
@@ -93,10 +102,7 @@ def test_retrieval_from_an_authors_checkpoint(tmp_path, data_dir, authors_checkp
                  init_from=authors_checkpoint, batch_size=8)
   recall = evaluate.run_retrieval(config, str(tmp_path))
   # The same protocol with the authors' encoder run by PyTorch on the same clips.
-  encoder = TorchVideoResNet("r2plus1d", (1, 1, 1, 1), width=8).eval()
-  state = torch.load(authors_checkpoint, weights_only=True)
-  encoder.load_state_dict({k[len("module.backbone."):]: v for k, v in state.items()
-                           if k.startswith("module.backbone.")})
+  encoder = _authors_encoder(authors_checkpoint)
   train_f, train_l = _torch_features(config, config.eval.train_split, encoder)
   test_f, test_l = _torch_features(config, config.eval.test_split, encoder)
   want = metrics.retrieval_recall(test_f, test_l, train_f, train_l, ks=config.eval.recall_ks)
@@ -106,14 +112,46 @@ def test_retrieval_from_an_authors_checkpoint(tmp_path, data_dir, authors_checkp
     assert "PyTorch weights" in json.load(f)["init_from"]
 
 
-def test_linear_probe_from_an_authors_checkpoint(tmp_path, data_dir, authors_checkpoint):
+def test_linear_probe_from_an_authors_checkpoint(tmp_path, data_dir, authors_checkpoint,
+                                                 monkeypatch):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from cvc_jax.models import exported  # pylint: disable=g-import-not-at-top
   config = _tiny(ucf101_linear.get_config("runlocal"), data_dir,
                  init_from=authors_checkpoint, batch_size=8, num_epochs=2)
+  tested = {}  # the test set's clip-averaged probabilities, as the run scores them
+  score = classify.metrics.classification_metrics
+  def spy(probs, labels, names):
+    tested.update(probs=np.asarray(probs), labels=np.asarray(labels))
+    return score(probs, labels, names)
+  monkeypatch.setattr(classify.metrics, "classification_metrics", spy)
   result = classify.train_and_evaluate(config, str(tmp_path))
-  assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
   assert sum(map(sum, result["confusion"])) == 8  # every test video once
   for name in ("results.json", "results.md", "confusion.png"):
     assert os.path.exists(tmp_path / name), name
+
+  # The last checkpoint: the encoder is still the authors' weights, BatchNorm
+  # statistics included (frozen, in inference mode); only `fc` was trained.
+  path, step = exported.latest_checkpoint(str(tmp_path), None)
+  assert step == 4  # 16 training videos, batch 8, 2 epochs
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  params, batch_stats, _ = checkpointer.restore(path, jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      checkpointer.metadata(path).item_metadata.tree))["state"]
+  _, authors, _ = evaluate.load_encoder(config)
+  jax.tree.map(np.testing.assert_array_equal,
+               {"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
+               authors)
+
+  # The test protocol run by PyTorch: the authors' encoder and the trained fc on
+  # the same clips, softmax averaged over each video's clips.
+  kernel, bias = (torch.from_numpy(np.asarray(params["fc"][k])) for k in ("kernel", "bias"))
+  probs, labels = _torch_features(
+      config, config.eval.test_split, _authors_encoder(authors_checkpoint),
+      head=lambda pooled: torch.softmax(pooled @ kernel + bias, dim=-1))
+  np.testing.assert_array_equal(tested["labels"], labels)
+  np.testing.assert_allclose(tested["probs"], probs, atol=1e-5)
+  assert np.ptp(probs, axis=0).max() > 1e-3  # the videos' scores differ
 
 
 def test_linear_probe_updates_only_the_linear_layer():
