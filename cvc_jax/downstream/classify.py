@@ -167,7 +167,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       local = next(batches)
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
                for k in ("frames", "sizes", "label")}
-      state, loss = step(state, batch, jax.random.fold_in(rng, i))
+      key = jax.random.fold_in(rng, i)
+      if i == start_step and jax.process_count() > 1:
+        # Compiled before the first step, as in pretraining, so that the processes
+        # start it together.
+        step = step.lower(state, batch, key).compile()
+        pretrain.barrier("cvc_jax: downstream step compiled")
+      state, loss = step(state, batch, key)
       report(i + 1)
       if (i + 1) % config.log_every_steps == 0 or i + 1 == total_steps:
         writer.write_scalars(i + 1, {"train_loss": float(loss)})
