@@ -61,6 +61,7 @@ import numpy as np
 from cvc_jax import benchmark
 from cvc_jax import models
 from cvc_jax import pretrain
+from cvc_jax.models import convolutions
 from cvc_jax.models import resnet3d
 import hlo_reading  # pylint: disable=g-bad-import-order
 
@@ -171,9 +172,9 @@ def for_device(config, device, batch: int, remat: str):
   encoder = config.model.encoder
   with config.unlocked():
     config.batch_size, config.remat = batch, remat
-    encoder.conv_impl = resnet3d.resolve_conv_impl(encoder.get("conv_impl", "auto"),
+    encoder.conv_impl = convolutions.resolve_conv_impl(encoder.get("conv_impl", "auto"),
                                                    device)
-    encoder.stem_impl = resnet3d.resolve_stem_impl(encoder.get("stem_impl", "auto"),
+    encoder.stem_impl = convolutions.resolve_stem_impl(encoder.get("stem_impl", "auto"),
                                                    config.dtype, device=device)
   return config
 

@@ -1,4 +1,4 @@
-r"""Every convolution of an encoder timed in each form of `resnet3d.CONV_IMPLS`.
+r"""Every convolution of an encoder timed in each form of `convolutions.CONV_IMPLS`.
 
     python benchmarks/conv_forms.py --config=configs/reference.py \
         --config.batch_size=2 [--reps=3] [--whole]
@@ -6,7 +6,7 @@ r"""Every convolution of an encoder timed in each form of `resnet3d.CONV_IMPLS`.
 The encoder of the config, at the shape the train step gives it (6 clips per
 video), is run once with its calls intercepted to list its convolutions (name,
 kernel, strides, input shape). Each convolution is then jitted on its own as a
-3D `nn.Conv` ('3d') and as `resnet3d.FactorisedConv` ('2d1d', where the kernel
+3D `nn.Conv` ('3d') and as `convolutions.FactorisedConv` ('2d1d', where the kernel
 allows), and three passes are timed, each the median of --reps runs: forward,
 the gradient for the input and the gradient for the kernel (the two halves of
 the backward pass, which XLA lowers to different convolutions; the first
@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from cvc_jax import models
+from cvc_jax.models import convolutions
 from cvc_jax.models import resnet3d
 
 FLAGS = flags.FLAGS
@@ -72,7 +73,7 @@ def list_convs(encoder: nn.Module, x) -> list[tuple[str, tuple, tuple, tuple]]:
   def record(next_fun, args, kwargs, context):
     m = context.module
     if context.method_name == "__call__" and isinstance(
-        m, (nn.Conv, resnet3d.FactorisedConv)):
+        m, (nn.Conv, convolutions.FactorisedConv)):
       convs.append(("/".join(m.scope.path), tuple(m.kernel_size), tuple(m.strides),
                     tuple(args[0].shape)))
     return next_fun(*args, **kwargs)
@@ -85,9 +86,9 @@ def list_convs(encoder: nn.Module, x) -> list[tuple[str, tuple, tuple, tuple]]:
 def time_conv(kernel, strides, in_shape, features, impl, dtype, reps, *, input_grad=True,
               stem_impl="conv"):
   """(forward, input-gradient, kernel-gradient) seconds of one convolution in the
-  form `impl` (`resnet3d.CONV_IMPLS`) and, for a stem, `stem_impl`; the input
+  form `impl` (`convolutions.CONV_IMPLS`) and, for a stem, `stem_impl`; the input
   gradient is 0.0 if not `input_grad`."""
-  conv = resnet3d.stem_conv(features, kernel, strides, None, dtype, impl, stem_impl)
+  conv = convolutions.stem_conv(features, kernel, strides, None, dtype, impl, stem_impl)
   x = jax.random.normal(jax.random.key(1), in_shape, dtype)
   params = conv.init(jax.random.key(0), x)
   out = jax.eval_shape(conv.apply, params, x)
@@ -146,7 +147,7 @@ def time_encoder(cfg, x, dtype, reps) -> float:
 def time_stem(conv, features, dtype):
   """Prints the first convolution's forward and kernel-gradient times in each form."""
   name, kernel, strides, in_shape = conv
-  module = resnet3d.stem_conv(features, kernel, strides, None, dtype, "3d", "conv")
+  module = convolutions.stem_conv(features, kernel, strides, None, dtype, "3d", "conv")
   out, _ = jax.eval_shape(module.init_with_output, jax.random.key(0),
                           jax.ShapeDtypeStruct(in_shape, dtype))
   flops = 2.0 * math.prod(out.shape) * math.prod(kernel) * in_shape[-1]

@@ -70,7 +70,7 @@ def base() -> ml_collections.ConfigDict:
   # How the stem's first convolution runs: "conv" (as conv_impl says),
   # "space_to_depth" (2x2 pixels to 12 channels, a 4x4 kernel at stride 1; same
   # parameters and function) or "auto" (space_to_depth for 16-bit compute on
-  # NVIDIA GPUs, where it was measured faster, else conv; resnet3d.STEM_IMPLS).
+  # NVIDIA GPUs, where it was measured faster, else conv; convolutions.STEM_IMPLS).
   c.model.encoder.stem_impl = "auto"
   c.model.separate_encoders = False
   c.model.num_concepts = 50  # K per kind (K_s = K_d)

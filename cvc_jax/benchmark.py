@@ -36,6 +36,7 @@ import cvc_jax
 from cvc_jax import models
 from cvc_jax import pretrain
 from cvc_jax import views as views_lib
+from cvc_jax.models import convolutions
 from cvc_jax.models import resnet3d
 
 CLIPS_PER_VIDEO = 6  # v1 v2 s1 s2 d1 d2
@@ -270,7 +271,7 @@ def _model_work(config):
   padding and the 8x8 taps add and the forward passes remat repeats are not the
   model's work, so MFU leaves them out (model FLOPs, not hardware FLOPs)."""
   pad8 = config.model.encoder.get("conv_impl") == "3d_pad8"
-  s2d = resnet3d.resolve_stem_impl(config.model.encoder.get("stem_impl", "auto"),
+  s2d = convolutions.resolve_stem_impl(config.model.encoder.get("stem_impl", "auto"),
                                   config.dtype) == "space_to_depth"
   remat = config.get("remat", "none") != "none"
   if not (pad8 or s2d or remat):
@@ -454,8 +455,8 @@ class TrainStep:
     memory, memory_source = _memory(self.devices[0])
     kind, c = self.devices[0].device_kind, self.config
     encoder = c.model.encoder
-    conv_impl = resnet3d.resolve_conv_impl(encoder.get("conv_impl", "auto"))
-    stem_impl = resnet3d.resolve_stem_impl(encoder.get("stem_impl", "auto"), c.dtype)
+    conv_impl = convolutions.resolve_conv_impl(encoder.get("conv_impl", "auto"))
+    stem_impl = convolutions.resolve_stem_impl(encoder.get("stem_impl", "auto"), c.dtype)
     notes = (f"views+fwd+bwd+Adam, frames on device, conv_impl={conv_impl}, "
              f"stem_impl={stem_impl}, remat={c.get('remat', 'none')}, host memory "
              f"{'kept' if cvc_jax.HOST_MEMORY_KEPT else 'glibc default'}")
@@ -550,7 +551,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   fv = flag_values
   if fv.count_flops:
     c = fv.config
-    conv_impl = resnet3d.resolve_conv_impl(c.model.encoder.get("conv_impl", "auto"))
+    conv_impl = convolutions.resolve_conv_impl(c.model.encoder.get("conv_impl", "auto"))
     print(f"{step_flops(c) / 1e12:.3f} TFLOP per step: batch {c.batch_size}, "
           f"conv_impl={conv_impl}, remat={c.get('remat', 'none')}")
     return

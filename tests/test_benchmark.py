@@ -22,6 +22,7 @@ from cvc_jax import benchmark
 from cvc_jax import models
 from cvc_jax import pretrain
 from cvc_jax.models import cvc
+from cvc_jax.models import convolutions
 from cvc_jax.models import resnet3d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -482,8 +483,8 @@ FACTORISED = [((1, 7, 7), (1, 2, 2), 5), ((3, 1, 1), (1, 1, 1), 5),
 @pytest.mark.parametrize("kernel,strides,frames", FACTORISED)
 def test_factorised_conv_is_the_3d_conv(kernel, strides, frames, xla_gradients):
   conv3d = nn.Conv(6, kernel, strides=strides, padding=[(k // 2, k // 2) for k in kernel],
-                   use_bias=False, kernel_init=resnet3d.conv_init)
-  conv2d = resnet3d.FactorisedConv(6, kernel, strides, xla_gradients=xla_gradients)
+                   use_bias=False, kernel_init=convolutions.conv_init)
+  conv2d = convolutions.FactorisedConv(6, kernel, strides, xla_gradients=xla_gradients)
   x = jax.random.normal(jax.random.key(1), (2, frames, 9, 10, 4))
   params = conv3d.init(jax.random.key(0), x)
   # The same parameter, initialised the same: checkpoints cannot tell them apart.
@@ -517,13 +518,13 @@ def test_frames_kernel_grad_sums_frame_groups_to_the_3d_gradient(
   dy = jax.random.normal(jax.random.key(3), conv3d(k).shape)
   want = jax.vjp(conv3d, k)[1](dy)[0]
   frame_bytes = (x[0, 0].size + dy[0, 0].size) * 4
-  monkeypatch.setattr(resnet3d, "KERNEL_GRAD_GROUP_BYTES", group_frames * frame_bytes)
-  monkeypatch.setattr(resnet3d, "KERNEL_GRAD_ROW_CHANNELS", row_channels)
+  monkeypatch.setattr(convolutions, "KERNEL_GRAD_GROUP_BYTES", group_frames * frame_bytes)
+  monkeypatch.setattr(convolutions, "KERNEL_GRAD_ROW_CHANNELS", row_channels)
   batch = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)),
                                      jax.sharding.PartitionSpec("data"))
   if clips % 8 == 0:
     x, dy = jax.device_put(x, batch), jax.device_put(dy, batch)
-  grad = jax.jit(lambda x, dy: resnet3d._frames_kernel_grad(
+  grad = jax.jit(lambda x, dy: convolutions._frames_kernel_grad(
       x, dy, k.shape, (stride, stride), pad[1:]))
   np.testing.assert_allclose(grad(x, dy), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   if clips % 8 == 0:  # no collective inside the loop: one all-reduce after it
@@ -581,9 +582,9 @@ def test_conv_impls_give_one_encoder(encoder):
 @pytest.mark.parametrize("impl", ["3d", "2d1d", "3d_pad8", "2d"])
 def test_space_to_depth_convolution_is_the_strided_one(shape, kernel, strides, impl):
   x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
-  conv = resnet3d._conv(5, kernel, strides, "stem", jnp.float32, "3d")
+  conv = convolutions.conv(5, kernel, strides, "stem", jnp.float32, "3d")
   params = models.jit_init(conv.init)(jax.random.key(1), x)
-  s2d = resnet3d.SpaceToDepthConv(5, kernel, strides, impl, jnp.float32)
+  s2d = convolutions.SpaceToDepthConv(5, kernel, strides, impl, jnp.float32)
   assert jax.tree.map(jnp.shape, jax.eval_shape(s2d.init, jax.random.key(1), x)) == (
       jax.tree.map(jnp.shape, params))
 
@@ -617,7 +618,7 @@ def test_space_to_depth_convolution_is_the_strided_one(shape, kernel, strides, i
 def test_space_to_depth_refuses_other_strides_and_names():
   x = jnp.zeros((1, 2, 8, 8, 3))
   with pytest.raises(ValueError, match="stride 2.*stem_impl='conv'"):
-    resnet3d.SpaceToDepthConv(4, (1, 3, 3), (1, 1, 1)).init(jax.random.key(0), x)
+    convolutions.SpaceToDepthConv(4, (1, 3, 3), (1, 1, 1)).init(jax.random.key(0), x)
   encoder = resnet3d.build_encoder(
       dict(arch="r2plus1d", blocks=(1, 1, 1, 1), width=4, stem_impl="s2d"))
   with pytest.raises(ValueError, match="stem_impl must be one of"):
@@ -625,34 +626,34 @@ def test_space_to_depth_refuses_other_strides_and_names():
 
 
 def test_auto_conv_impl_is_2d1d_on_cpu():
-  assert resnet3d.resolve_conv_impl("auto") == "2d1d"
-  assert resnet3d.resolve_conv_impl("3d") == "3d"
+  assert convolutions.resolve_conv_impl("auto") == "2d1d"
+  assert convolutions.resolve_conv_impl("3d") == "3d"
   card = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
-  assert resnet3d.resolve_conv_impl("auto", card) == "3d"  # a device named
-  assert resnet3d.resolve_conv_impl("2d") == "2d"
+  assert convolutions.resolve_conv_impl("auto", card) == "3d"  # a device named
+  assert convolutions.resolve_conv_impl("2d") == "2d"
   with pytest.raises(ValueError, match="conv_impl"):
-    resnet3d.resolve_conv_impl("2plus1d")
+    convolutions.resolve_conv_impl("2plus1d")
 
 
 def test_auto_stem_impl_is_space_to_depth_for_16_bit_on_nvidia(monkeypatch):
-  assert resnet3d.resolve_stem_impl("auto", "bfloat16") == "conv"  # this CPU
-  assert resnet3d.resolve_stem_impl("space_to_depth") == "space_to_depth"
+  assert convolutions.resolve_stem_impl("auto", "bfloat16") == "conv"  # this CPU
+  assert convolutions.resolve_stem_impl("space_to_depth") == "space_to_depth"
   card = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
   monkeypatch.setattr(jax, "devices", lambda *args: [card])
-  assert resnet3d.resolve_stem_impl("auto", jnp.bfloat16) == "space_to_depth"
-  assert resnet3d.resolve_stem_impl("auto", "float16", (2, 2, 2)) == "space_to_depth"
-  assert resnet3d.resolve_stem_impl("auto", "float32") == "conv"  # not measured
-  assert resnet3d.resolve_stem_impl("auto", "bfloat16", (1, 1, 1)) == "conv"
-  assert resnet3d.resolve_stem_impl("conv", "bfloat16") == "conv"
+  assert convolutions.resolve_stem_impl("auto", jnp.bfloat16) == "space_to_depth"
+  assert convolutions.resolve_stem_impl("auto", "float16", (2, 2, 2)) == "space_to_depth"
+  assert convolutions.resolve_stem_impl("auto", "float32") == "conv"  # not measured
+  assert convolutions.resolve_stem_impl("auto", "bfloat16", (1, 1, 1)) == "conv"
+  assert convolutions.resolve_stem_impl("conv", "bfloat16") == "conv"
   card.device_kind = "AMD Instinct MI300X"
-  assert resnet3d.resolve_stem_impl("auto", "bfloat16") == "conv"
+  assert convolutions.resolve_stem_impl("auto", "bfloat16") == "conv"
   monkeypatch.undo()
   # A device named, not the default one: what compile_for.py compiles for.
   card.device_kind = "NVIDIA H100 80GB HBM3"
-  assert resnet3d.resolve_stem_impl("auto", "bfloat16", device=card) == "space_to_depth"
+  assert convolutions.resolve_stem_impl("auto", "bfloat16", device=card) == "space_to_depth"
   assert models.conv_compiler_options("bfloat16", card) == {"xla_gpu_force_conv_nhwc": True}
   with pytest.raises(ValueError, match="stem_impl must be one of"):
-    resnet3d.resolve_stem_impl("s2d")
+    convolutions.resolve_stem_impl("s2d")
 
 
 def test_conv_compiler_options_force_channels_last_for_16_bit_on_nvidia(monkeypatch):

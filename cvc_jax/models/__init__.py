@@ -1,9 +1,10 @@
-"""Flax modules: 3D ResNet encoders (`resnet3d`), concept heads (`heads`), the
-pretraining model (`cvc`) and exported encoders (`exported`)."""
+"""Flax modules: 3D ResNet encoders (`resnet3d`) and the forms their convolutions
+run in (`convolutions`), concept heads (`heads`), the pretraining model (`cvc`)
+and exported encoders (`exported`)."""
 
 import jax
 
-from cvc_jax.models import resnet3d
+from cvc_jax.models import convolutions
 
 # Initialisation runs once, so what matters on CPU is its compile time, which is
 # mostly LLVM optimising one random-number kernel (a threefry hash and a
@@ -43,5 +44,5 @@ def conv_compiler_options(dtype, device=None) -> dict | None:
   """XLA options for a program whose convolutions compute in `dtype` on `device`
   (default: the first of `jax.devices()`): `GPU_16BIT_CONV_COMPILER_OPTIONS` for
   16-bit dtypes on NVIDIA GPUs, else None."""
-  return (GPU_16BIT_CONV_COMPILER_OPTIONS if resnet3d.nvidia_16bit(dtype, device)
+  return (GPU_16BIT_CONV_COMPILER_OPTIONS if convolutions.nvidia_16bit(dtype, device)
           else None)
