@@ -33,7 +33,6 @@ marks real videos with `mask`, so every video counts exactly once.
 from collections.abc import Iterator, Sequence
 import concurrent.futures
 import dataclasses
-import functools
 import importlib
 import importlib.util
 import io
@@ -52,6 +51,8 @@ import tensorflow as tf
 from tensorflow.core.example import example_pb2
 import tensorflow_datasets as tfds
 
+from cvc_jax import sampling
+
 
 def _hide_accelerators_from_tf() -> None:
   """Keeps TF (used by TFDS) off the GPUs/TPUs, whose memory belongs to JAX."""
@@ -67,8 +68,7 @@ _hide_accelerators_from_tf()
 
 # Data sets that need no download or manual files: built on first use.
 _GENERATED = ("synthetic_motion",)
-# Independent random streams derived from config.seed.
-_ORDER_STREAM, _SAMPLE_STREAM = 0, 1
+
 
 
 # ----------------------------------------------------------------------------
@@ -151,74 +151,9 @@ def _split(builder: tfds.core.DatasetBuilder, split: str) -> str:
   return split
 
 
-def _steps_per_epoch(n: int, batch_size: int) -> int:
-  if n < batch_size:
-    raise ValueError(f"The split has {n} videos, fewer than the global batch of "
-                     f"{batch_size}: lower config.batch_size or use more data.")
-  return n // batch_size
-
-
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
   """Global steps per epoch: whole batches of `config.input.split` (rest dropped)."""
-  return _steps_per_epoch(num_videos(config), config.batch_size)
-
-
-# ----------------------------------------------------------------------------
-# Sampling: pure functions of (seed, step, video index).
-
-
-def sample_indices(num_frames: int, rng: Any, *, num_out: int,
-                   max_rate: float) -> np.ndarray:
-  """Frame indices of one window of `num_out` frames (SPEC section 1).
-
-  Rate r ~ U[1, min(max_rate, n / num_out)], start ~ U{0..floor(n - r num_out)},
-  index i = round(start + r i) (halves up), clipped to n - 1. A video shorter
-  than the window (n < num_out) gets r = n / num_out < 1 and start 0: the
-  window spans the whole video, repeating frames, instead of being dropped.
-
-  Args:
-    num_frames: n, frames in the video (>= 1).
-    rng: a `np.random.Generator`, or a seed (int or sequence of ints) for one.
-    num_out: frames to sample (2T for the two clips of SPEC section 1).
-    max_rate: r_max (>= 1).
-
-  Returns:
-    int32 [num_out], non-decreasing indices in [0, n).
-  """
-  if num_frames < 1 or num_out < 1 or max_rate < 1:
-    raise ValueError(f"Need num_frames, num_out >= 1 and max_rate >= 1; got "
-                     f"{num_frames}, {num_out}, {max_rate}.")
-  rng = np.random.default_rng(rng)  # A Generator passes through unchanged.
-  high = min(max_rate, num_frames / num_out)
-  rate = rng.uniform(1.0, high) if high > 1.0 else high
-  # The epsilon absorbs rounding in r * num_out when the window fills the video.
-  last_start = max(0, int(np.floor(num_frames - rate * num_out + 1e-9)))
-  start = rng.integers(0, last_start + 1)
-  indices = np.floor(start + rate * np.arange(num_out) + 0.5)
-  return np.minimum(indices, num_frames - 1).astype(np.int32)
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-  """The epoch's permutation of the split's video indices."""
-  return np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(n)
-
-
-def step_videos(seed: int, step: int, *, split_size: int,
-                batch_size: int) -> np.ndarray:
-  """Video indices of global step `step`: int64 [batch_size], all distinct.
-
-  Epoch e = step // steps_per_epoch takes a permutation seeded by (seed, e) and
-  its steps take consecutive slices; the videos left over by the last whole
-  batch of an epoch are skipped in that epoch only.
-  """
-  epoch, position = divmod(step, _steps_per_epoch(split_size, batch_size))
-  order = _epoch_order(_seed(seed), epoch, split_size)
-  return order[position * batch_size:(position + 1) * batch_size]
-
-
-def _seed(seed: int) -> int:
-  return int(seed) % 2**64  # SeedSequence takes non-negative entropy only.
+  return sampling.whole_batches(num_videos(config), config.batch_size)
 
 
 # ----------------------------------------------------------------------------
@@ -312,9 +247,9 @@ class _ClipsBatch:
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     first = self.process_index * self.local_batch
-    videos = step_videos(self.seed, step, split_size=len(self.source),
-                         batch_size=self.batch_size
-                         )[first:first + self.local_batch].astype(np.int32)
+    videos = sampling.step_videos(self.seed, step, split_size=len(self.source),
+                                  batch_size=self.batch_size
+                                  )[first:first + self.local_batch].astype(np.int32)
     out = {"frames": np.empty((self.local_batch, self.num_out, *self.raw_size, 3),
                               np.uint8),
            "sizes": np.empty((self.local_batch, 2), np.int32),
@@ -326,10 +261,9 @@ class _ClipsBatch:
       video_index = int(videos[slot])
       example = self.source[video_index]
       encoded = example["video"]
-      rng = np.random.default_rng(
-          [_seed(self.seed), _SAMPLE_STREAM, step, video_index])
-      indices = sample_indices(len(encoded), rng, num_out=self.num_out,
-                               max_rate=self.max_rate)
+      indices = sampling.sample_indices(
+          len(encoded), sampling.video_rng(self.seed, step, video_index),
+          num_out=self.num_out, max_rate=self.max_rate)
       _, out["sizes"][slot] = decode_frames(encoded, indices, self.raw_size,
                                             out=out["frames"][slot])
       if self.with_label:
@@ -358,11 +292,11 @@ def pretrain_batches(config: ml_collections.ConfigDict, *, start_step: int = 0,
                      ) -> Iterator[dict[str, np.ndarray]]:
   """This process's part of the pretraining batches of steps start_step, +1, ...
 
-  Global step s takes the videos `step_videos(config.seed, s, ...)`; process p
-  of P takes the p-th contiguous slice of local_batch = batch_size / P of them,
-  so shards are disjoint and together make the global batch. Each video's frames
-  are sampled by `sample_indices` with a generator seeded by (seed, s, video
-  index). Hence a batch depends on (seed, s) only: resuming at start_step
+  Global step s takes the videos `sampling.step_videos(config.seed, s, ...)`;
+  process p of P takes the p-th contiguous slice of local_batch = batch_size / P
+  of them, so shards are disjoint and together make the global batch. Each
+  video's frames are sampled by `sampling.sample_indices` with a generator
+  seeded by (seed, s, video index). Hence a batch depends on (seed, s) only: resuming at start_step
   yields what an uninterrupted run yields from there.
 
   Args:
@@ -421,7 +355,7 @@ def _clip_batches(config, split, start_step, process_index, process_count, *,
   index, _, local_batch = _process(process_index, process_count,
                                    config.batch_size)
   source = data_source(config, split, label_key=label_key)
-  _steps_per_epoch(len(source), config.batch_size)  # Fails early if too small.
+  sampling.whole_batches(len(source), config.batch_size)  # Fails early if too small.
   batch = _ClipsBatch(
       source=source, seed=config.seed, batch_size=config.batch_size,
       local_batch=local_batch, process_index=index, num_out=num_out,
@@ -534,39 +468,6 @@ def upsampling_warning(builder_config: Any, crop_size: int) -> str | None:
 # Evaluation batches (SPEC section 6): every video once, ten clips each.
 
 
-def eval_clip_indices(num_frames: int, *, num_clips: int,
-                      clip_length: int) -> np.ndarray:
-  """Frame indices of `num_clips` uniformly spaced clips of consecutive frames.
-
-  Clip c starts at round(c (n - L) / (num_clips - 1)) (halves up), so the
-  first clip starts at frame 0 and the last ends at frame n - 1 (one clip:
-  the centre one). A video
-  shorter than a clip (n < L) is stretched over it as in pretraining,
-  index floor(i n / L + 1/2) clipped to n - 1, in every clip.
-
-  Args:
-    num_frames: n (>= 1).
-    num_clips: clips per video (10 in SPEC section 6).
-    clip_length: L, frames per clip (T = 16).
-
-  Returns:
-    int32 [num_clips, clip_length], indices in [0, n).
-  """
-  if num_frames < 1 or num_clips < 1 or clip_length < 1:
-    raise ValueError(f"Need num_frames, num_clips, clip_length >= 1; got "
-                     f"{num_frames}, {num_clips}, {clip_length}.")
-  if num_frames < clip_length:
-    clip = np.floor(np.arange(clip_length) * num_frames / clip_length + 0.5)
-    clip = np.minimum(clip, num_frames - 1)
-    return np.tile(clip, (num_clips, 1)).astype(np.int32)
-  if num_clips == 1:  # The centre clip.
-    starts = np.floor(np.array([(num_frames - clip_length) / 2]) + 0.5)
-  else:
-    spacing = (num_frames - clip_length) / (num_clips - 1)
-    starts = np.floor(np.arange(num_clips) * spacing + 0.5)
-  return (starts[:, None] + np.arange(clip_length)).astype(np.int32)
-
-
 @dataclasses.dataclass(frozen=True)
 class _EvalBatch:
   """Batch g -> this process's slice of videos g B .. g B + B - 1, clips decoded."""
@@ -593,8 +494,8 @@ class _EvalBatch:
     def fill(slot):
       example = self.source[int(positions[slot])]
       encoded = example["video"]
-      indices = eval_clip_indices(len(encoded), num_clips=self.num_clips,
-                                  clip_length=self.clip_length)
+      indices = sampling.eval_clip_indices(len(encoded), num_clips=self.num_clips,
+                                           clip_length=self.clip_length)
       frames = out["frames"][slot].reshape(-1, *self.raw_size, 3)
       _, out["sizes"][slot] = decode_frames(encoded, indices, self.raw_size,
                                             out=frames)
@@ -620,7 +521,7 @@ def eval_batches(config: ml_collections.ConfigDict, *, split: str,
   config.batch_size), process p of P the p-th contiguous slice of B / P of
   them; the last batch is padded with `mask` 0. Every process yields the same
   number of batches (`num_eval_batches`), so collective steps stay in step.
-  No randomness: the clips are `eval_clip_indices`.
+  No randomness: the clips are `sampling.eval_clip_indices`.
 
   Args:
     config: reads batch_size (global) and input.{num_frames, raw_size, ...}.

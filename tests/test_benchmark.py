@@ -418,6 +418,7 @@ def test_gpu_path_imports_without_tensorflow_clu_grain():
   proc = subprocess.run([sys.executable, "-c", (
       f"import sys\nfor m in {BLOCKED!r}: sys.modules[m] = None\n"
       "import cvc_jax.benchmark, cvc_jax.pretrain, cvc_jax.views, cvc_jax.losses\n"
+      "import cvc_jax.sampling\n"
       "import cvc_jax.models.cvc, cvc_jax.models.heads, cvc_jax.models.resnet3d\n"
       "sys.path.insert(0, 'benchmarks')\n"
       "import fit_batch, compile_for, hlo_reading, summarize, time_views\n"

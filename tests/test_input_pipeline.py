@@ -5,6 +5,7 @@ import pytest
 
 from configs import common
 from cvc_jax import input_pipeline
+from cvc_jax import sampling
 from tfds_builders.synthetic_motion import synthetic_motion_dataset_builder as sm
 
 NUM_FRAMES = 4  # T: windows of 2T = 8 frames
@@ -126,7 +127,7 @@ def test_sample_indices_rate_and_offset_bounds():
   n, num_out, max_rate = 1000, 32, 3.0
   rates = []
   for seed in range(300):
-    idx = input_pipeline.sample_indices(n, seed, num_out=num_out, max_rate=max_rate)
+    idx = sampling.sample_indices(n, seed, num_out=num_out, max_rate=max_rate)
     assert idx.dtype == np.int32 and idx.shape == (num_out,)
     assert (np.diff(idx) >= 1).all() and (np.diff(idx) <= 3).all()
     assert 0 <= idx[0] and idx[-1] < n
@@ -136,40 +137,39 @@ def test_sample_indices_rate_and_offset_bounds():
   assert rates.min() >= 1 - tol and rates.max() <= max_rate + tol
   assert rates.min() < 1.1 and rates.max() > 2.9  # The whole range is used,
   assert abs(rates.mean() - 2.0) < 0.15  # uniformly.
-  starts = [input_pipeline.sample_indices(n, s, num_out=num_out, max_rate=1.0)[0]
+  starts = [sampling.sample_indices(n, s, num_out=num_out, max_rate=1.0)[0]
             for s in range(300)]
   assert min(starts) < 50 and max(starts) > n - num_out - 50  # U{0..n - 2T}
 
 
 def test_sample_indices_rate_capped_by_video_length():
   for seed in range(100):
-    idx = input_pipeline.sample_indices(40, seed, num_out=32, max_rate=3.0)
+    idx = sampling.sample_indices(40, seed, num_out=32, max_rate=3.0)
     assert idx[-1] <= 39
     rate = (idx[-1] - idx[0]) / 31
     assert 1 - 1 / 31 <= rate <= 40 / 32 + 1 / 31  # r <= n / 2T
   np.testing.assert_array_equal(  # n = 2T: every frame once.
-      input_pipeline.sample_indices(32, 0, num_out=32, max_rate=3.0), np.arange(32))
+      sampling.sample_indices(32, 0, num_out=32, max_rate=3.0), np.arange(32))
 
 
 def test_sample_indices_short_video_repeats_frames():
   n, num_out = 24, 32
-  idx = input_pipeline.sample_indices(n, 0, num_out=num_out, max_rate=3.0)
+  idx = sampling.sample_indices(n, 0, num_out=num_out, max_rate=3.0)
   # r = n / 2T = 0.75 and start 0: the window stretches over the whole video.
   np.testing.assert_array_equal(idx, np.floor(0.75 * np.arange(32) + 0.5))
   assert set(idx.tolist()) == set(range(n))  # nothing skipped, some repeated
   np.testing.assert_array_equal(
-      input_pipeline.sample_indices(1, 0, num_out=8, max_rate=3.0), 0)
+      sampling.sample_indices(1, 0, num_out=8, max_rate=3.0), 0)
 
 
 def test_sample_indices_takes_generator_or_seed_and_checks_args():
-  a = input_pipeline.sample_indices(500, 7, num_out=8, max_rate=3.0)
-  b = input_pipeline.sample_indices(500, np.random.default_rng(7), num_out=8,
-                                    max_rate=3.0)
+  a = sampling.sample_indices(500, 7, num_out=8, max_rate=3.0)
+  b = sampling.sample_indices(500, np.random.default_rng(7), num_out=8, max_rate=3.0)
   np.testing.assert_array_equal(a, b)
   for bad in (dict(num_frames=0, max_rate=3.0), dict(num_frames=10, max_rate=0.5)):
     with pytest.raises(ValueError):
-      input_pipeline.sample_indices(bad["num_frames"], 0, num_out=8,
-                                    max_rate=bad["max_rate"])
+      sampling.sample_indices(bad["num_frames"], 0, num_out=8,
+                              max_rate=bad["max_rate"])
 
 
 # ----------------------------------------------------------------------------
@@ -302,26 +302,26 @@ def test_frames_smaller_than_the_crop_are_named():
 
 
 def test_eval_clip_indices_long_short_and_single():
-  idx = input_pipeline.eval_clip_indices(100, num_clips=10, clip_length=16)
+  idx = sampling.eval_clip_indices(100, num_clips=10, clip_length=16)
   assert idx.dtype == np.int32 and idx.shape == (10, 16)
   np.testing.assert_array_equal(np.diff(idx, axis=1), 1)  # consecutive frames
   np.testing.assert_array_equal(  # round(c * 84 / 9), halves up
       idx[:, 0], [0, 9, 19, 28, 37, 47, 56, 65, 75, 84])
   assert idx[-1, -1] == 99
   np.testing.assert_array_equal(  # n = L: the whole video, ten times
-      input_pipeline.eval_clip_indices(16, num_clips=10, clip_length=16),
+      sampling.eval_clip_indices(16, num_clips=10, clip_length=16),
       np.tile(np.arange(16), (10, 1)))
-  short = input_pipeline.eval_clip_indices(5, num_clips=10, clip_length=16)
+  short = sampling.eval_clip_indices(5, num_clips=10, clip_length=16)
   # Stretched over the video: every frame, in order, some repeated.
   np.testing.assert_array_equal(short, np.tile(
       [0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4], (10, 1)))
   np.testing.assert_array_equal(
-      input_pipeline.eval_clip_indices(1, num_clips=2, clip_length=3), 0)
+      sampling.eval_clip_indices(1, num_clips=2, clip_length=3), 0)
   np.testing.assert_array_equal(  # One clip: the centre one.
-      input_pipeline.eval_clip_indices(40, num_clips=1, clip_length=16),
+      sampling.eval_clip_indices(40, num_clips=1, clip_length=16),
       [np.arange(12, 28)])
   with pytest.raises(ValueError):
-    input_pipeline.eval_clip_indices(0, num_clips=10, clip_length=16)
+    sampling.eval_clip_indices(0, num_clips=10, clip_length=16)
 
 
 @pytest.mark.parametrize("batch_size", [4, 12])  # no padding; 4 padded slots
@@ -340,8 +340,8 @@ def test_eval_batches_count_every_video_once(data_dir, examples, batch_size):
   assert (batch["frames"][~real] == 0).all() and real.sum() == 8
   for i, ex in enumerate(test):
     assert batch["label"][i] == ex["label"]
-    clips = input_pipeline.eval_clip_indices(ex["num_frames"], num_clips=3,
-                                             clip_length=NUM_FRAMES)
+    clips = sampling.eval_clip_indices(ex["num_frames"], num_clips=3,
+                                       clip_length=NUM_FRAMES)
     np.testing.assert_array_equal(batch["frames"][i], ex["video"][clips])
   np.testing.assert_array_equal(batch["sizes"][real], [[40, 48]] * 8)
   dynamic, = list(input_pipeline.eval_batches(  # Another label, same videos.
@@ -415,3 +415,22 @@ def test_pipeline_benchmark_names_a_split_too_small_to_time(data_dir):
                                        f"of {test_videos}: timing evaluation needs two"):
     bench.measure("synthetic_motion/tiny", str(data_dir), split="train", eval_split="test",
                   batch_size=test_videos, batches=1, repeats=1)
+
+
+def test_pipeline_benchmark_times_the_frames_the_pipeline_decodes(data_dir):
+  from cvc_jax.benchmarks import input_pipeline as bench  # pylint: disable=g-import-not-at-top
+  # pylint: disable=protected-access
+  config = bench._config("synthetic_motion/tiny", str(data_dir), 4)
+  # The decoding it times alone: the distinct frames pretrain_batches reads.
+  encoded = bench._pretrain_frames(config, input_pipeline.data_source(config, "train"), 1)
+  batch = next(input_pipeline.pretrain_batches(config, start_step=1))
+  assert len(encoded) == len(batch["frames"]) == 4
+  for frames, clip in zip(encoded, batch["frames"]):
+    decoded, _ = input_pipeline.decode_frames(frames, np.arange(len(frames)),
+                                              config.input.raw_size)
+    np.testing.assert_array_equal(np.unique(decoded, axis=0), np.unique(clip, axis=0))
+  rates = bench.measure("synthetic_motion/tiny", str(data_dir), split="train",
+                        eval_split="test", batch_size=4, batches=1, repeats=1)
+  assert rates.keys() == {f"{k}{cpu}" for k in ("pretrain", "pretrain_decode", "eval",
+                                                "eval_decode") for cpu in ("", "_cpu")}
+  assert all(rate > 0 for rate in rates.values()), rates

@@ -35,6 +35,7 @@ import numpy as np
 
 from configs import common
 from cvc_jax import input_pipeline as ip
+from cvc_jax import sampling
 
 flags.DEFINE_string("dataset", "video_folder", "TFDS name, e.g. ucf101/split1.")
 flags.DEFINE_string("data_dir", "", "TFDS data dir (default: TFDS's).")
@@ -93,14 +94,12 @@ def _pretrain_frames(config, source, steps: int) -> list[list[bytes]]:
   """The JPEG bytes pretrain_batches decodes in steps 1..steps (distinct ones)."""
   out = []
   for step in range(1, steps + 1):
-    for video in ip.step_videos(config.seed, step, split_size=len(source),
-                                batch_size=config.batch_size):
+    for video in sampling.step_videos(config.seed, step, split_size=len(source),
+                                      batch_size=config.batch_size):
       encoded = source[int(video)]["video"]
-      rng = np.random.default_rng([config.seed % 2**64, ip._SAMPLE_STREAM,  # pylint: disable=protected-access
-                                   step, int(video)])
-      indices = ip.sample_indices(len(encoded), rng,
-                                  num_out=2 * config.input.num_frames,
-                                  max_rate=config.input.max_rate)
+      indices = sampling.sample_indices(
+          len(encoded), sampling.video_rng(config.seed, step, int(video)),
+          num_out=2 * config.input.num_frames, max_rate=config.input.max_rate)
       out.append([encoded[i] for i in np.unique(indices)])
   return out
 
@@ -109,8 +108,8 @@ def _eval_frames(config, source, count: int) -> list[list[bytes]]:
   out = []
   for video in range(min(count, len(source))):
     encoded = source[video]["video"]
-    indices = ip.eval_clip_indices(len(encoded), num_clips=NUM_CLIPS,
-                                   clip_length=config.input.num_frames)
+    indices = sampling.eval_clip_indices(len(encoded), num_clips=NUM_CLIPS,
+                                         clip_length=config.input.num_frames)
     out.append([encoded[i] for i in np.unique(indices)])
   return out
 
