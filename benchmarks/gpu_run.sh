@@ -41,11 +41,13 @@
 # JAX_CACHE=.jaxcache, they spare the next call on the same kind of card tuning
 # those convolutions again.
 # Dry run on a CPU (tiny model, batch 2-4, torch.compile left out: on a CPU it
-# builds C++ for minutes); its result is in benchmarks/RESULTS.md:
+# builds C++ for minutes; stage 9 shrunk, being sized for the card); its result
+# is in benchmarks/RESULTS.md:
 #     CONFIG=configs/reference.py:runlocal MIN_BATCH=2 MAX_BATCH=4 MULTIPLE=2 \
 #       MEMORY_LIMIT_GB=1 STEPS=2 TORCH_EXTRA=--device=cpu \
-#       TORCH_TUNED="--channels_last --cudnn_benchmark" STAGES="1 3 2 4 5 6" \
-#       DEADLINE=900 OUT=/tmp/gpu_dry bash benchmarks/gpu_run.sh
+#       TORCH_TUNED="--channels_last --cudnn_benchmark" \
+#       STAGES="1 7 8 9 10 3 2 4 11 5 6" NORM_EXTRA="--elements=1e6 --reps=2" \
+#       DEADLINE=1500 OUT=/tmp/gpu_dry bash benchmarks/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
