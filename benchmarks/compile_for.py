@@ -173,9 +173,9 @@ def for_device(config, device, batch: int, remat: str):
   with config.unlocked():
     config.batch_size, config.remat = batch, remat
     encoder.conv_impl = convolutions.resolve_conv_impl(encoder.get("conv_impl", "auto"),
-                                                   device)
+                                                       device)
     encoder.stem_impl = convolutions.resolve_stem_impl(encoder.get("stem_impl", "auto"),
-                                                   config.dtype, device=device)
+                                                       config.dtype, device=device)
   return config
 
 

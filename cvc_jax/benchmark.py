@@ -272,7 +272,7 @@ def _model_work(config):
   model's work, so MFU leaves them out (model FLOPs, not hardware FLOPs)."""
   pad8 = config.model.encoder.get("conv_impl") == "3d_pad8"
   s2d = convolutions.resolve_stem_impl(config.model.encoder.get("stem_impl", "auto"),
-                                  config.dtype) == "space_to_depth"
+                                       config.dtype) == "space_to_depth"
   remat = config.get("remat", "none") != "none"
   if not (pad8 or s2d or remat):
     return config
