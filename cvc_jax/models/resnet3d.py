@@ -25,7 +25,6 @@ import jax.numpy as jnp
 from cvc_jax.models import convolutions
 
 
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _batch_norm(x, scale, bias, epsilon):
   """(y, mean, var) of training-mode BatchNorm over every axis but the last."""
