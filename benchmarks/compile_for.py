@@ -60,7 +60,7 @@ import numpy as np
 
 from cvc_jax import benchmark
 from cvc_jax import models
-from cvc_jax import pretrain
+from cvc_jax import parallel
 from cvc_jax.models import convolutions
 from cvc_jax.models import resnet3d
 import hlo_reading  # pylint: disable=g-bad-import-order
@@ -185,7 +185,7 @@ def compile_step(config, devices):
   card): (compiled, seconds)."""
   mesh = Mesh(np.asarray(devices), ("data",))
   step = benchmark.jitted_step(config, mesh)
-  args = benchmark.abstract_inputs(config, *pretrain.shardings(mesh))
+  args = benchmark.abstract_inputs(config, *parallel.shardings(mesh))
   options = dict(models.conv_compiler_options(config.dtype, devices[0]) or {})
   if devices[0].platform == "gpu":
     options["xla_gpu_autotune_level"] = 0

@@ -34,6 +34,7 @@ from ml_collections import config_flags
 
 import cvc_jax
 from cvc_jax import models
+from cvc_jax import parallel
 from cvc_jax import pretrain
 from cvc_jax import views as views_lib
 from cvc_jax.models import convolutions
@@ -301,9 +302,9 @@ def abstract_inputs(config, replicated=None, batch_sharding=None):
 
 
 def jitted_step(config, mesh: Mesh, steps_per_epoch: int = 1):
-  """The step as `TrainStep` compiles it, placed by `pretrain.shardings`, the state
+  """The step as `TrainStep` compiles it, placed by `parallel.shardings`, the state
   donated."""
-  replicated, batch_sharding = pretrain.shardings(mesh)
+  replicated, batch_sharding = parallel.shardings(mesh)
   return jax.jit(_step_fn(config, steps_per_epoch), donate_argnums=(0,),
                  in_shardings=(replicated, batch_sharding, replicated),
                  out_shardings=(replicated, replicated))
@@ -380,8 +381,8 @@ class TrainStep:
       config.remat = remat
     self.config, self.log = config, log
     self.devices = jax.devices()
-    mesh = pretrain.data_mesh(config.batch_size, self.devices)
-    replicated, batch_sharding = pretrain.shardings(mesh)
+    mesh = parallel.data_mesh(config.batch_size, self.devices)
+    replicated, batch_sharding = parallel.shardings(mesh)
     b, t = config.batch_size, config.input.num_frames
     (h, w), s = config.input.raw_size, config.input.crop_size
     # Epoch = step: from `steady_epoch` on every term and the queue are on.

@@ -11,7 +11,7 @@ from absl import logging
 import flax
 import flax.linen as nn
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from cvc_jax import checkpointing
 from cvc_jax import losses
 from cvc_jax import models
+from cvc_jax import parallel
 from cvc_jax.models import cvc
 
 TERMS = ("I_vv", "I_vs", "I_vd", "align_s", "align_d", "entropy_s", "entropy_d",
@@ -273,43 +274,12 @@ def train_step(state: TrainState, views: jax.Array, config, steps_per_epoch: int
   return new_state, dict(terms, grad_norm=grad_norm, finite=finite)
 
 
-def data_mesh(batch_size: int, devices=None) -> Mesh:
-  """The 1-D `data` mesh over `devices` (default: every device of every host),
-  over which a global batch of `batch_size` is split evenly, as checked here."""
-  devices = jax.devices() if devices is None else list(devices)
-  if batch_size % len(devices):
-    raise ValueError(f"batch_size {batch_size} must be divisible by the {len(devices)} "
-                     f"devices: set --config.batch_size to a multiple of {len(devices)}.")
-  return Mesh(np.asarray(devices), ("data",))
-
-
-def shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
-  """(replicated, batch) placements on a `data_mesh`: everything replicated but
-  the batch, split along its first axis."""
-  return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-
-
 def batch_shapes(config, sharding: NamedSharding | None = None) -> dict[str, Any]:
   """A pretraining batch of `config` as shapes, placed by `sharding`: the 2T
   uint8 frames of each video in the raw_size canvas and their true sizes."""
   b, t, (h, w) = config.batch_size, config.input.num_frames, config.input.raw_size
   return {"frames": jax.ShapeDtypeStruct((b, 2 * t, h, w, 3), jnp.uint8, sharding=sharding),
           "sizes": jax.ShapeDtypeStruct((b, 2), jnp.int32, sharding=sharding)}
-
-
-def barrier(name: str) -> None:
-  """Every process waits here for all the others (none with one process), at the
-  coordination service's barrier: a collective would wait only so long for a
-  process still compiling (gloo's, on CPUs, 30 s)."""
-  ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=3_600_000)
-
-
-def replicate(tree, sharding: NamedSharding):
-  """Values every process holds alike (host arrays, or arrays on one of its own
-  devices), as global arrays placed by `sharding`, a replicated one: with several
-  processes `jax.device_put` cannot reach the other processes' devices."""
-  return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
 def _checkpoint_tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
@@ -343,8 +313,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
   # One `data` axis over every device of every host; the batch is split along it
   # and everything else is replicated.
-  mesh = data_mesh(config.batch_size)
-  replicated, batch_sharding = shardings(mesh)
+  mesh = parallel.data_mesh(config.batch_size)
+  replicated, batch_sharding = parallel.shardings(mesh)
   t, s = config.input.num_frames, config.input.crop_size
   views_shape = (config.batch_size, 6, t, s, s, 3)
   # Replicated like the state, made by a jitted function (device_put cannot place
@@ -391,7 +361,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   if jax.process_count() > 1 and start_step < total_steps:
     # Compiled before the first step, so that the processes start it together.
     p_step = p_step.trace(state, batch_shapes(config, batch_sharding), rng).lower().compile()
-    barrier("cvc_jax: train step compiled")
+    parallel.barrier("cvc_jax: train step compiled")
   batches = input_pipeline.pretrain_batches(config, start_step=start_step)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)

@@ -49,7 +49,7 @@ def test_every_video_counted_once_when_the_batch_does_not_divide(data_dir):
     config.batch_size = 8
   mesh_one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(evaluate.pretrain, "data_mesh", lambda batch_size: mesh_one)
+    mp.setattr(evaluate.parallel, "data_mesh", lambda batch_size: mesh_one)
     out_one, labels_one = evaluate.clip_averaged(config, mean_pixel, {}, split="train")
   np.testing.assert_allclose(out, out_one, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(labels, labels_one)

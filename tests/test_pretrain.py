@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import reference, ucf101
 from cvc_jax import models
+from cvc_jax import parallel
 from cvc_jax import pretrain
 from cvc_jax.models import cvc
 
@@ -206,7 +207,7 @@ def test_unknown_variant_is_named():
 
 def test_a_batch_the_devices_do_not_divide_is_refused_by_name():
   devices = jax.devices()[:4]
-  assert pretrain.data_mesh(8, devices).shape == {"data": 4}
+  assert parallel.data_mesh(8, devices).shape == {"data": 4}
   with pytest.raises(ValueError, match="batch_size 6 must be divisible by the 4 devices: "
                                        "set --config.batch_size to a multiple of 4"):
-    pretrain.data_mesh(6, devices)
+    parallel.data_mesh(6, devices)

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from cvc_jax import checkpointing
 from cvc_jax import models
+from cvc_jax import parallel
 from cvc_jax import pretrain
 from cvc_jax import views as views_lib
 from cvc_jax.downstream import evaluate
@@ -106,8 +107,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   logging.info("%s from %s.", config.mode, described)
   model = Classifier(encoder, label.num_classes, dropout=config.model.dropout)
 
-  mesh = pretrain.data_mesh(config.batch_size)
-  replicated, batch_sharding = pretrain.shardings(mesh)
+  mesh = parallel.data_mesh(config.batch_size)
+  replicated, batch_sharding = parallel.shardings(mesh)
   with config.unlocked():
     config.input.split = config.eval.train_split
   steps_per_epoch = input_pipeline.steps_per_epoch(config)
@@ -118,7 +119,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   params = dict(fc_vars["params"], backbone=enc_vars["params"])
   batch_stats = {"backbone": enc_vars["batch_stats"]}
   tx = _optimizer(config, steps_per_epoch, linear)
-  state = pretrain.replicate((params, batch_stats, tx.init(params)), replicated)
+  state = parallel.replicate((params, batch_stats, tx.init(params)), replicated)
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def step(state, batch, rng):
@@ -151,7 +152,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       manager.close()  # no asynchronous machinery left to complain at exit
       raise
     logging.info("Resumed %s from step %d of %d.", config.mode, start_step, total_steps)
-  pretrain.barrier("cvc_jax: config.json checked")  # by all, before it changes
+  parallel.barrier("cvc_jax: config.json checked")  # by all, before it changes
   if jax.process_index() == 0:  # what _check_same_run reads when this run resumes
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -172,7 +173,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         # Compiled before the first step, as in pretraining, so that the processes
         # start it together.
         step = step.lower(state, batch, key).compile()
-        pretrain.barrier("cvc_jax: downstream step compiled")
+        parallel.barrier("cvc_jax: downstream step compiled")
       state, loss = step(state, batch, key)
       report(i + 1)
       if (i + 1) % config.log_every_steps == 0 or i + 1 == total_steps:

@@ -23,7 +23,7 @@ import optax
 
 from cvc_jax import convert
 from cvc_jax import models
-from cvc_jax import pretrain
+from cvc_jax import parallel
 from cvc_jax import views as views_lib
 from cvc_jax.downstream import metrics
 from cvc_jax.models import exported
@@ -76,8 +76,8 @@ def clip_averaged(config, per_clip: Callable, variables, *, split: str,
   """
   from cvc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
-  mesh = pretrain.data_mesh(config.batch_size)
-  replicated, batch_sharding = pretrain.shardings(mesh)
+  mesh = parallel.data_mesh(config.batch_size)
+  replicated, batch_sharding = parallel.shardings(mesh)
 
   @jax.jit
   def run(variables, frames, sizes):
@@ -86,7 +86,7 @@ def clip_averaged(config, per_clip: Callable, variables, *, split: str,
     out = per_clip(variables, clips.reshape((b * n,) + clips.shape[2:]))
     return jnp.mean(out.reshape((b, n) + out.shape[1:]), axis=1)
 
-  variables = pretrain.replicate(variables, replicated)
+  variables = parallel.replicate(variables, replicated)
   rows = {"out": [], "video_index": [], "mask": [], "label": []}
   batches = input_pipeline.eval_batches(config, split=split, num_clips=config.eval.num_clips,
                                         label_key=label_key)
