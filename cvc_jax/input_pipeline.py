@@ -70,7 +70,6 @@ _hide_accelerators_from_tf()
 _GENERATED = ("synthetic_motion",)
 
 
-
 # ----------------------------------------------------------------------------
 # Data sets.
 
@@ -296,8 +295,8 @@ def pretrain_batches(config: ml_collections.ConfigDict, *, start_step: int = 0,
   process p of P takes the p-th contiguous slice of local_batch = batch_size / P
   of them, so shards are disjoint and together make the global batch. Each
   video's frames are sampled by `sampling.sample_indices` with a generator
-  seeded by (seed, s, video index). Hence a batch depends on (seed, s) only: resuming at start_step
-  yields what an uninterrupted run yields from there.
+  seeded by (seed, s, video index). Hence a batch depends on (seed, s) only:
+  resuming at start_step yields what an uninterrupted run yields from there.
 
   Args:
     config: the run's config; reads seed, batch_size (global) and input.*.

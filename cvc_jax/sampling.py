@@ -1,11 +1,11 @@
-"""Which videos and frames each step reads: pure functions of (seed, step, video).
+"""Which videos each step reads, and which frames of them (SPEC sections 1 and 6).
 
-The sampling rules of SPEC section 1 (pretraining: one window of 2T frames at a
-random rate and offset) and section 6 (evaluation: ten uniformly spaced clips),
-and the order of the videos over the epochs. They depend only on the seed, the
-global step and the video's index, never on threads, prefetching or processes,
-so that a resumed run reads exactly the batches an uninterrupted one would have,
-and they import without TensorFlow (`cvc_jax.input_pipeline` reads the data).
+The order of the videos over the epochs and each video's frame window (two
+clips of T for pretraining, one for supervised training) depend only on the
+seed, the global step and the video's index; evaluation's ten clips only on the
+video's length. Never on threads, prefetching or processes: a resumed run reads
+exactly the batches an uninterrupted one would have. Pure NumPy, so these
+import without TensorFlow (`cvc_jax.input_pipeline` reads the data).
 """
 
 import functools
@@ -61,21 +61,23 @@ def sample_indices(num_frames: int, rng: Any, *, num_out: int,
 
 
 @functools.lru_cache(maxsize=4)
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-  """The epoch's permutation of the split's video indices."""
-  return np.random.default_rng([_seed(seed), _ORDER_STREAM, epoch]).permutation(n)
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The epoch's permutation of the split's video indices (read-only: cached)."""
+  order = np.random.default_rng([seed, _ORDER_STREAM, epoch]).permutation(n)
+  order.setflags(write=False)
+  return order
 
 
 def step_videos(seed: int, step: int, *, split_size: int,
                 batch_size: int) -> np.ndarray:
   """Video indices of global step `step`: int64 [batch_size], all distinct.
 
-  Epoch e = step // steps_per_epoch takes a permutation seeded by (seed, e) and
+  Epoch e = step // `whole_batches` takes a permutation seeded by (seed, e) and
   its steps take consecutive slices; the videos left over by the last whole
   batch of an epoch are skipped in that epoch only.
   """
   epoch, position = divmod(step, whole_batches(split_size, batch_size))
-  order = epoch_order(seed, epoch, split_size)
+  order = _epoch_order(_seed(seed), epoch, split_size)
   return order[position * batch_size:(position + 1) * batch_size]
 
 

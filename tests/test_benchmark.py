@@ -21,8 +21,8 @@ from configs import ucf101
 from cvc_jax import benchmark
 from cvc_jax import models
 from cvc_jax import pretrain
-from cvc_jax.models import cvc
 from cvc_jax.models import convolutions
+from cvc_jax.models import cvc
 from cvc_jax.models import resnet3d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -428,6 +428,9 @@ def test_pipeline_benchmark_times_the_frames_the_pipeline_decodes(data_dir):
   for frames, clip in zip(encoded, batch["frames"]):
     decoded, _ = input_pipeline.decode_frames(frames, np.arange(len(frames)),
                                               config.input.raw_size)
+    # Each distinct frame once, as decode_frames decodes it (the synthetic
+    # frames carry pixel noise, so no two are alike).
+    assert len(frames) == len(np.unique(clip, axis=0))
     np.testing.assert_array_equal(np.unique(decoded, axis=0), np.unique(clip, axis=0))
   rates = bench.measure("synthetic_motion/tiny", str(data_dir), split="train",
                         eval_split="test", batch_size=4, batches=1, repeats=1)

@@ -121,7 +121,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   tx = _optimizer(config, steps_per_epoch, linear)
   state = parallel.replicate((params, batch_stats, tx.init(params)), replicated)
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
+  @functools.partial(jax.jit, donate_argnums=(0,),
+                     in_shardings=(replicated, batch_sharding, replicated),
+                     out_shardings=(replicated, replicated))
   def step(state, batch, rng):
     params, batch_stats, opt_state = state
     clips = views_lib.train_clip_views(batch["frames"], rng, config, batch["sizes"])

@@ -142,7 +142,7 @@ def _frames_kernel_grad(x, dy, kernel_shape, strides, padding):
   ho, wo = dy.shape[2:4]
   acc = jnp.promote_types(x.dtype, jnp.float32)  # bfloat16 sums in float32
   frames = x.shape[0] * x.shape[1]
-  # The batch is split over all devices when it divides evenly (cvc_jax.pretrain).
+  # The batch is split over all devices when it divides evenly (parallel.data_mesh).
   shards = jax.device_count() if x.shape[0] % jax.device_count() == 0 else 1
   frame_bytes = (math.prod(x.shape[2:]) + math.prod(dy.shape[2:])) * x.dtype.itemsize
   group = max([g for g in range(1, frames // shards + 1) if (frames // shards) % g == 0
