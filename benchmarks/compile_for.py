@@ -54,9 +54,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import jax
 from jax.experimental import topologies
-from jax.sharding import Mesh
 from ml_collections import config_flags
-import numpy as np
 
 from cvc_jax import benchmark
 from cvc_jax import models
@@ -183,7 +181,7 @@ def compile_step(config, devices):
   """The step of `config` compiled for `devices` from shapes alone, with the
   options `TrainStep` uses on such a device and autotuning off (it needs the
   card): (compiled, seconds)."""
-  mesh = Mesh(np.asarray(devices), ("data",))
+  mesh = parallel.data_mesh(config.batch_size, devices)
   step = benchmark.jitted_step(config, mesh)
   args = benchmark.abstract_inputs(config, *parallel.shardings(mesh))
   options = dict(models.conv_compiler_options(config.dtype, devices[0]) or {})
@@ -235,11 +233,11 @@ def compare(config, devices, *, remats, limit_bytes, min_batch, max_batch, multi
         need, min_batch=min_batch, max_batch=max_batch, multiple=multiple,
         limit=limit_bytes, log=_log)
     first, first_s = compiled[min_batch]
-    convolutions, traffic = program_traffic(first, devices[0].platform)
+    conv_calls, traffic = program_traffic(first, devices[0].platform)
     row = {"remat": remat, "batch": batch, "gib": nbytes / 2**30, "how": how,
            "gib_by_batch": {b: benchmark.compiled_bytes(c) / 2**30
                             for b, (c, _) in sorted(compiled.items())},
-           "convolutions": convolutions,
+           "convolutions": conv_calls,
            "traffic_gb": {k: round(gb, 2) for k, gb in traffic.items()},
            "compile_s": first_s}
     if max_batch > min_batch:

@@ -25,7 +25,8 @@ def restore(manager: ocp.CheckpointManager, step: int, target):
       differ; nothing is restored or written.
   """
   path = os.path.join(str(manager.directory), str(step), "default")
-  stored = _by_name(ocp.StandardCheckpointer().metadata(path).item_metadata.tree)
+  with ocp.StandardCheckpointer() as checkpointer:
+    stored = _by_name(checkpointer.metadata(path).item_metadata.tree)
   wanted = _by_name(target)
   shape = lambda leaf: tuple(getattr(leaf, "shape", ()))  # python scalars: ()
   differ = [f"{n}: none in the checkpoint, {shape(wanted[n])} here"
@@ -69,9 +70,9 @@ class Preemption:
 
   def __init__(self, manager: ocp.CheckpointManager):
     self._manager = manager
+    self._own_handler = jax.process_count() == 1
     self._received = False
-    self._previous = None
-    if jax.process_count() == 1:
+    if self._own_handler:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
@@ -81,10 +82,11 @@ class Preemption:
 
   def reached(self, step: int) -> bool:
     """Whether to save and stop after `step` (call once per step, on every process)."""
-    if self._previous is None:
-      return self._manager.reached_preemption(step)
-    return self._received
+    if self._own_handler:
+      return self._received
+    return self._manager.reached_preemption(step)
 
   def restore(self):
-    if self._previous is not None:
+    # None: the previous handler was not Python's, and Python cannot put it back.
+    if self._own_handler and self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)

@@ -432,6 +432,9 @@ class _Videos:
             "label": feature[self.label_key].int64_list.value[0]}
 
 
+_WARNED: set[str] = set()  # warnings this process has logged
+
+
 def data_source(config: ml_collections.ConfigDict, split: str, *,
                 label_key: str = "label") -> _Videos:
   """Random access to `split`'s videos: {"video": JPEG bytes, "label": int}.
@@ -441,7 +444,8 @@ def data_source(config: ml_collections.ConfigDict, split: str, *,
   """
   builder = ensure_built(config)
   warning = upsampling_warning(builder.builder_config, config.input.crop_size)
-  if warning:
+  if warning and warning not in _WARNED:  # once, not for every split and label
+    _WARNED.add(warning)
     logging.warning(warning)
   return _Videos(builder, _split(builder, split), label_key)
 

@@ -40,6 +40,22 @@ def barrier(name: str) -> None:
 def replicate(tree, sharding: NamedSharding):
   """Values every process holds alike (host arrays, or arrays on one of its own
   devices), as global arrays placed by `sharding`, a replicated one: with several
-  processes `jax.device_put` cannot reach the other processes' devices."""
-  return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+  processes `jax.device_put` cannot reach the other processes' devices. Arrays
+  already placed so (a trained state) stay where they are."""
+  def place(x):
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+      return x
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+  return jax.tree_util.tree_map(place, tree)
+
+
+def compiled_together(jitted, *args, name: str):
+  """`jitted` for `args` (arrays or shapes). With several processes it is
+  compiled here and all processes then meet at a `barrier`, so that none waits in
+  the program's first collective for one still compiling; with one, `jitted`
+  itself (compiled at its first call)."""
+  if jax.process_count() == 1:
+    return jitted
+  compiled = jitted.lower(*args).compile()
+  barrier(f"cvc_jax: {name} compiled")
+  return compiled

@@ -358,10 +358,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                    in_shardings=(replicated, batch_sharding, replicated),
                    out_shardings=(replicated, replicated),
                    compiler_options=models.conv_compiler_options(config.dtype))
-  if jax.process_count() > 1 and start_step < total_steps:
-    # Compiled before the first step, so that the processes start it together.
-    p_step = p_step.trace(state, batch_shapes(config, batch_sharding), rng).lower().compile()
-    parallel.barrier("cvc_jax: train step compiled")
+  if start_step < total_steps:
+    p_step = parallel.compiled_together(
+        p_step, state, batch_shapes(config, batch_sharding), rng, name="train step")
   batches = input_pipeline.pretrain_batches(config, start_step=start_step)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)

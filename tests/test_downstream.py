@@ -114,7 +114,6 @@ def test_retrieval_from_an_authors_checkpoint(tmp_path, data_dir, authors_checkp
 
 def test_linear_probe_from_an_authors_checkpoint(tmp_path, data_dir, authors_checkpoint,
                                                  monkeypatch):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from cvc_jax.models import exported  # pylint: disable=g-import-not-at-top
   config = _tiny(ucf101_linear.get_config("runlocal"), data_dir,
                  init_from=authors_checkpoint, batch_size=8, num_epochs=2)
@@ -133,11 +132,7 @@ def test_linear_probe_from_an_authors_checkpoint(tmp_path, data_dir, authors_che
   # statistics included (frozen, in inference mode); only `fc` was trained.
   path, step = exported.latest_checkpoint(str(tmp_path), None)
   assert step == 4  # 16 training videos, batch 8, 2 epochs
-  checkpointer = ocp.StandardCheckpointer()
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  params, batch_stats, _ = checkpointer.restore(path, jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-      checkpointer.metadata(path).item_metadata.tree))["state"]
+  params, batch_stats, _ = exported.read_checkpoint(path)["state"]
   _, authors, _ = evaluate.load_encoder(config)
   jax.tree.map(np.testing.assert_array_equal,
                {"params": params["backbone"], "batch_stats": batch_stats["backbone"]},

@@ -68,7 +68,7 @@ def test_two_processes_of_4_devices_equal_one_process_of_8(tmp_path):
 
 
 def test_main_in_two_processes_stops_on_one_sigterm_resumes_and_equals_one_process(
-    tmp_path):
+    tmp_path, request):
   """`cvc_jax.main --distributed` as 2 processes of 4 CPU devices: a SIGTERM to one
   of them makes both save the same step and stop; started again, they resume and
   end where one process of 4 devices ends (the same partitioning of the batch, so
@@ -80,16 +80,12 @@ def test_main_in_two_processes_stops_on_one_sigterm_resumes_and_equals_one_proce
   config = demo.get_config()
   with config.unlocked():
     config.input.data_dir, config.input.dataset = str(tmp_path / "tfds"), "synthetic_motion/tiny"
-    config.batch_size, config.num_epochs = 8, steps // 2
-    config.checkpoint_every_steps, config.log_every_steps = 1, 1
-    config.eval_after_pretraining = False
-    # As in run_steps: Adam's eps at 1 keeps float32 reduction-order noise in
-    # near-zero gradients from becoming whole steps of lr.
-    config.optim.eps, config.optim.lr = 1.0, 1e-4
   input_pipeline.ensure_built(config)
-  overrides = [f"--config.input.data_dir={config.input.data_dir}",
-               f"--config.input.dataset={config.input.dataset}", "--config.batch_size=8",
-               f"--config.num_epochs={steps // 2}", "--config.checkpoint_every_steps=1",
+  data = [f"--config.input.data_dir={config.input.data_dir}",
+          f"--config.input.dataset={config.input.dataset}", "--config.batch_size=8"]
+  # As in run_steps: Adam's eps at 1 keeps float32 reduction-order noise in
+  # near-zero gradients from becoming whole steps of lr.
+  overrides = [*data, f"--config.num_epochs={steps // 2}", "--config.checkpoint_every_steps=1",
                "--config.log_every_steps=1", "--config.eval_after_pretraining=False",
                "--config.optim.eps=1.0", "--config.optim.lr=1e-4",
                f"--config.keep_checkpoints={steps}"]
@@ -112,6 +108,8 @@ def test_main_in_two_processes_stops_on_one_sigterm_resumes_and_equals_one_proce
          f"--workdir={workdir}", "--distributed", f"--coordinator_address=127.0.0.1:{port}",
          "--num_processes=2", f"--process_id={i}", *flags],
         cwd=ROOT, env=env, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+    for p, f in zip(procs, logs):  # none left running, whichever check fails
+      request.addfinalizer(lambda p=p, f=f: (p.poll() is None and p.kill(), f.close()))
     return procs, logs
 
   def finish(procs, logs):
@@ -166,13 +164,14 @@ def test_main_in_two_processes_stops_on_one_sigterm_resumes_and_equals_one_proce
 
   # 3) A linear probe from that checkpoint in 2 processes (training, the test
   #    clips gathered across them): the test results of 1 process of 4 devices.
-  probe = ["--config=configs/eval/ucf101_linear.py:runlocal", *overrides[:3],
-           "--config.num_epochs=1", "--config.eval.num_clips=2", f"--config.init_from={two}"]
-  finish(*launch(tmp_path / "probe_two", probe[0][len("--config="):], probe[1:]))
+  probe_config = "configs/eval/ucf101_linear.py:runlocal"
+  probe = [*data, "--config.num_epochs=1", "--config.eval.num_clips=2",
+           f"--config.init_from={two}"]
+  finish(*launch(tmp_path / "probe_two", probe_config, probe))
   one = subprocess.run(
-      [sys.executable, "-m", "cvc_jax.main", f"--workdir={tmp_path / 'probe_one'}", *probe],
-      cwd=ROOT, capture_output=True, text=True, timeout=400,
-      env=alone)
+      [sys.executable, "-m", "cvc_jax.main", f"--config={probe_config}",
+       f"--workdir={tmp_path / 'probe_one'}", *probe],
+      cwd=ROOT, capture_output=True, text=True, timeout=400, env=alone)
   assert one.returncode == 0, _error_lines(one.stderr)
   results = [json.loads((tmp_path / d / "results.json").read_text())["linear"]
              for d in ("probe_two", "probe_one")]

@@ -171,11 +171,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
                for k in ("frames", "sizes", "label")}
       key = jax.random.fold_in(rng, i)
-      if i == start_step and jax.process_count() > 1:
-        # Compiled before the first step, as in pretraining, so that the processes
-        # start it together.
-        step = step.lower(state, batch, key).compile()
-        parallel.barrier("cvc_jax: downstream step compiled")
+      if i == start_step:
+        step = parallel.compiled_together(step, state, batch, key, name="downstream step")
       state, loss = step(state, batch, key)
       report(i + 1)
       if (i + 1) % config.log_every_steps == 0 or i + 1 == total_steps:

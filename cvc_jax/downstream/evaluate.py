@@ -88,21 +88,19 @@ def clip_averaged(config, per_clip: Callable, variables, *, split: str,
     return jnp.mean(out.reshape((b, n) + out.shape[1:]), axis=1)
 
   variables = parallel.replicate(variables, replicated)
-  run_compiled = None  # compiled for the first batch's shapes, as all have
   rows = {"out": [], "video_index": [], "mask": [], "label": []}
   batches = input_pipeline.eval_batches(config, split=split, num_clips=config.eval.num_clips,
                                         label_key=label_key)
-  for local in tqdm.tqdm(batches, total=input_pipeline.num_eval_batches(config, split),
-                         desc=f"{config.input.dataset} {split}", unit="batch",
-                         disable=jax.process_index() > 0):
+  for i, local in enumerate(tqdm.tqdm(
+      batches, total=input_pipeline.num_eval_batches(config, split),
+      desc=f"{config.input.dataset} {split}", unit="batch",
+      disable=jax.process_index() > 0)):
     batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
              for k in ("frames", "sizes", "video_index", "mask", "label")}
-    if run_compiled is None:
-      run_compiled = run.lower(variables, batch["frames"], batch["sizes"]).compile()
-      # No process may wait in the gather below (a collective) for one still
-      # compiling.
-      parallel.barrier("cvc_jax: evaluation compiled")
-    batch["out"] = run_compiled(variables, batch.pop("frames"), batch.pop("sizes"))
+    if i == 0:  # every batch has the first one's shapes
+      run = parallel.compiled_together(run, variables, batch["frames"], batch["sizes"],
+                                       name="evaluation")
+    batch["out"] = run(variables, batch.pop("frames"), batch.pop("sizes"))
     # All gathered as global arrays of one sharding, so each output row stays with
     # its video's index whatever order the mesh puts the processes' devices in.
     for key, value in batch.items():

@@ -101,6 +101,18 @@ def latest_checkpoint(workdir: str, step: int | None = None) -> tuple[str, int]:
   return path, step
 
 
+def read_checkpoint(path: str):
+  """The whole tree of the checkpoint item at `path`, on this process's first
+  device, whatever devices wrote it: orbax would otherwise place it as saved, and
+  refuse a checkpoint of several processes."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.StandardCheckpointer() as checkpointer:
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        checkpointer.metadata(path).item_metadata.tree)
+    return checkpointer.restore(path, target)
+
+
 def read_workdir(workdir: str, *, step: int | None = None) -> tuple[dict, dict, int]:
   """The config and the model variables of a pretraining checkpoint.
 
@@ -113,14 +125,7 @@ def read_workdir(workdir: str, *, step: int | None = None) -> tuple[dict, dict, 
   path, step = latest_checkpoint(workdir, step)
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
-  # Onto this process's first device, whatever devices wrote it: orbax would
-  # otherwise place it as saved, and refuse a checkpoint of several processes.
-  checkpointer = ocp.StandardCheckpointer()
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-      checkpointer.metadata(path).item_metadata.tree)
-  restored = checkpointer.restore(path, target)
+  restored = read_checkpoint(path)
   variables = {c: jax.tree_util.tree_map(jnp.asarray, restored[c])
                for c in ("params", "batch_stats")}
   return config, variables, step

@@ -67,7 +67,7 @@ def concept_attention(q: jax.Array, k: jax.Array, dim: int) -> jax.Array:
     float32 [B, N, C]; for each concept it sums to 1 over the N tokens.
   """
   logits = jnp.einsum("bcd,bnd->bnc", q * dim**-0.5, k, preferred_element_type=jnp.float32)
-  attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) + 1e-8
+  attn = jax.nn.softmax(logits, axis=-1) + 1e-8
   return attn / jnp.sum(attn, axis=1, keepdims=True)
 
 
