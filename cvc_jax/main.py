@@ -9,7 +9,9 @@ elsewhere also --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
 
 import logging as pylogging
+import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -33,6 +35,10 @@ flags.DEFINE_integer("process_id", None, "... and this one's index, from 0.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+# Where ml_collections resolves a --config.A.B=... override's path in the config.
+_OVERRIDE_LOOKUP = os.path.join("ml_collections", "config_flags", "config_path.py")
+
+
 class _QuietLibraries(pylogging.Filter):
   """Drops orbax's per-save INFO chatter (dozens of lines per checkpoint)."""
 
@@ -44,6 +50,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  given = [f"--{name}" for name in ("coordinator_address", "num_processes", "process_id")
+           if FLAGS[name].present]
+  if given and not FLAGS.distributed:
+    raise app.UsageError(f"{', '.join(given)} take effect only with --distributed; "
+                         "add it (or drop them for a single-process run).")
   if FLAGS.distributed:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes,
@@ -79,13 +90,17 @@ def _parse_flags(argv):
   try:
     return app.parse_flags_with_usage(argv)  # says a bad value in one line itself
   except (AttributeError, KeyError) as e:
+    # Only a failed lookup of an override's path is a misspelt key; the same
+    # exceptions from a config file's own code keep their traceback.
+    frames = traceback.extract_tb(e.__traceback__)
+    if not any(f.filename.endswith(_OVERRIDE_LOOKUP) for f in frames):
+      raise
     detail = e
     while isinstance(detail, BaseException) and detail.args:
       detail = detail.args[0]  # ml_collections wraps its KeyError's message twice
     sys.exit(f"FATAL: no such config key: {detail}\n(Overrides name keys of the "
              "config file, e.g. --config.batch_size=8; a config's keys are in "
              "configs/common.py.)")
-
 
 if __name__ == "__main__":
   app.run(main, flags_parser=_parse_flags)

@@ -163,6 +163,32 @@ def test_a_misspelt_config_key_is_one_line_naming_it(tmp_path):
   assert not os.listdir(tmp_path)  # nothing written
 
 
+def test_process_flags_without_distributed_are_refused(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "cvc_jax.main", "--config=configs/demo.py",
+       f"--workdir={tmp_path}", "--num_processes=2", "--process_id=1"], cwd=ROOT,
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert ("--num_processes, --process_id take effect only with --distributed"
+          in proc.stderr), proc.stderr[-2000:]
+  assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_a_config_files_own_attribute_error_keeps_its_traceback(tmp_path):
+  # Not reported as a misspelt override: the bug is in the file, at its line.
+  config_file = tmp_path / "broken.py"
+  config_file.write_text("from configs import demo\n\n\ndef get_config():\n"
+                         "  return demo.get_config().no_such_field\n")
+  proc = subprocess.run(
+      [sys.executable, "-m", "cvc_jax.main", f"--config={config_file}",
+       f"--workdir={tmp_path / 'w'}"], cwd=ROOT, capture_output=True, text=True,
+      timeout=120)
+  assert proc.returncode == 1
+  assert "no such config key" not in proc.stderr
+  assert "Traceback" in proc.stderr and "no_such_field" in proc.stderr, proc.stderr[-2000:]
+  assert f'File "{config_file}", line 5' in proc.stderr
+
+
 # Every named variant that differs from the defaults (supplementary Tables 1-5).
 VARIANTS = ["sigma=linear", "sigma=mlp", "decoder=linear", "decoder=128", "topk=2",
             "topk=10", "encoders=separate", "backbone=r2plus1d18_224", "backbone=r3d34",
