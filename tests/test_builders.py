@@ -237,10 +237,10 @@ def test_diving48_from_the_archive_with_v2_and_v1_labels(tmp_path):
 def test_a_cut_archive_keeps_what_was_read_and_skips_the_rest(tmp_path, caplog):
   # Incompressible members, so the cut lands inside the third of four.
   rng = np.random.default_rng(0)
+  videos = [rng.integers(0, 256, 50_000, np.uint8).tobytes() for _ in range(4)]
   path = tmp_path / "videos.tar.gz"
   with tarfile.open(path, "w:gz") as tar:
-    for i in range(4):
-      data = rng.integers(0, 256, 50_000, np.uint8).tobytes()
+    for i, data in enumerate(videos):
       info = tarfile.TarInfo(f"rgb/v{i}.mp4")
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
@@ -248,11 +248,30 @@ def test_a_cut_archive_keeps_what_was_read_and_skips_the_rest(tmp_path, caplog):
   path.write_bytes(whole[:len(whole) * 5 // 8])
   jobs = [video_io.Job(f"rgb/v{i}.mp4", "", {}) for i in range(4)]
   got = list(video_io.ArchiveJobs(str(path), jobs))
-  assert [isinstance(job.source, bytes) for job in got] == [True, True, False, False]
+  assert [job.source for job in got[:2]] == videos[:2]
+  assert [job.source for job in got[2:]] == [  # paths that do not exist: missing
+      os.path.join(str(path), f"v{i}.mp4") for i in (2, 3)]
   assert [os.path.basename(job.name) for job in got] == ["v0.mp4", "v1.mp4", "v2.mp4",
                                                         "v3.mp4"]
   assert "is truncated or corrupt after 2 wanted files" in caplog.text
   assert "download it again" in caplog.text and "2 videos not read yet" in caplog.text
+  # A zip with one corrupt member: only that one is lost.
+  caplog.clear()
+  zip_path = tmp_path / "videos.zip"
+  with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_STORED) as archive:
+    for i, data in enumerate(videos):
+      archive.writestr(f"rgb/v{i}.mp4", data)
+  whole = bytearray(zip_path.read_bytes())
+  at = whole.index(videos[1]) + 1000
+  whole[at] ^= 0xFF
+  zip_path.write_bytes(bytes(whole))
+  got = list(video_io.ArchiveJobs(str(zip_path), jobs))
+  assert [os.path.basename(job.name) for job in got] == ["v0.mp4", "v2.mp4", "v3.mp4",
+                                                        "v1.mp4"]
+  assert [job.source for job in got[:3]] == [videos[0], videos[2], videos[3]]
+  assert got[3].source == os.path.join(str(zip_path), "v1.mp4")
+  assert "has 1 corrupt wanted members: rgb/v1.mp4 (BadZipFile" in caplog.text
+  assert "1 videos not read yet are skipped as missing" in caplog.text
   # Not an archive at all: named, with what to do.
   (tmp_path / "junk.tar.gz").write_bytes(b"not an archive")
   with pytest.raises(video_io.ArchiveError, match="junk.tar.gz is truncated or corrupt"):
@@ -347,6 +366,10 @@ def test_a_split_of_unreadable_videos_is_named(tmp_path):
   with pytest.raises(ValueError, match=r"No readable video in split 'train': all 2 were "
                                        r"skipped \(a.avi: .*; b.avi: .*\)"):
     build(video_folder, "default", root, tmp_path / "data")
+  # A split whose list names no video at all says so, not "all 0 were skipped".
+  builder = video_folder.Builder(config="default", data_dir=str(tmp_path / "data"))
+  with pytest.raises(ValueError, match="No video is listed for split 'test': its list"):
+    list(builder._generate_examples("test", []))  # pylint: disable=protected-access
 
 
 # ----------------------------------------------------------------------------

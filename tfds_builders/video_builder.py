@@ -164,6 +164,11 @@ class VideoBuilder(tfds.core.GeneratorBasedBuilder):
         continue
       built += 1
       yield example["video_id"], example
+    if not built and not skipped:
+      raise ValueError(
+          f"No video is listed for split {split!r}: its list in the manual dir "
+          "names none. Check that the split and label files there are the "
+          "data set's own (and not empty), then build again.")
     if not built:  # TFDS would only say that no examples were yielded
       listed = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3])
       raise ValueError(

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import tarfile
 import zipfile
+import zlib
 from typing import Any
 
 import av
@@ -275,13 +276,24 @@ def archive_members(path: str, want: Callable[[str], bool]
 
   Raises:
     ArchiveError: the archive is not one, or ends early (a cut download), after
-      the members before the damage were yielded.
+      the members before the damage were yielded; or, for a zip, some members
+      are corrupt, after every readable one was yielded (a zip's members are
+      read independently, so one bad member costs only itself).
   """
   if zipfile.is_zipfile(path):
+    corrupt = []
     with zipfile.ZipFile(path) as archive:
       for info in archive.infolist():
         if not info.is_dir() and want(info.filename):
-          yield info.filename, archive.read(info)
+          try:
+            data = archive.read(info)
+          except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+            corrupt.append(f"{info.filename} ({type(e).__name__}: {e})")
+            continue
+          yield info.filename, data
+    if corrupt:
+      raise ArchiveError(f"{path} has {len(corrupt)} corrupt wanted members: "
+                         f"{'; '.join(corrupt)}; download it again.")
     return
   count = 0
   try:
