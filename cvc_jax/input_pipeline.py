@@ -358,7 +358,7 @@ def _clip_batches(config, split, start_step, process_index, process_count, *,
   batch = _ClipsBatch(
       source=source, seed=config.seed, batch_size=config.batch_size,
       local_batch=local_batch, process_index=index, num_out=num_out,
-      max_rate=max_rate, raw_size=_raw_size(config), with_label=with_label,
+      max_rate=max_rate, raw_size=sampling.raw_size(config), with_label=with_label,
       threads=_threads(config))
   return _stream(config, grain.MapDataset.range(start_step, 2**62).map(batch))
 
@@ -367,8 +367,13 @@ def _threads(config) -> int:
   """Decoding threads per process (1 in each of input.num_workers processes)."""
   if config.input.get("num_workers", 0):
     return 1
-  # The cores this process may run on (a SLURM task's, not the node's).
-  return config.input.get("num_threads", 0) or min(16, len(os.sched_getaffinity(0)))
+  if config.input.get("num_threads", 0):
+    return config.input.num_threads
+  # The cores this process may run on (a SLURM task's, not the node's), where
+  # the platform says (Linux); else the machine's.
+  if hasattr(os, "sched_getaffinity"):
+    return min(16, len(os.sched_getaffinity(0)))
+  return min(16, os.cpu_count() or 1)
 
 
 def _stream(config, batches: grain.MapDataset):
@@ -390,14 +395,6 @@ def _stream(config, batches: grain.MapDataset):
                                      per_worker_buffer_size=max(1, prefetch))))
   return iter(batches.to_iter_dataset(grain.ReadOptions(
       num_threads=prefetch, prefetch_buffer_size=prefetch)))
-
-
-def _raw_size(config) -> tuple[int, int]:
-  size = tuple(int(s) for s in config.input.raw_size)
-  if len(size) != 2:
-    raise ValueError(f"config.input.raw_size is the frame canvas (height, width), "
-                     f"e.g. (128, 228); got {config.input.raw_size}.")
-  return size
 
 
 class _Videos:
@@ -548,7 +545,7 @@ def eval_batches(config: ml_collections.ConfigDict, *, split: str,
   batch = _EvalBatch(
       source=source, batch_size=config.batch_size, local_batch=local_batch,
       process_index=index, num_clips=num_clips,
-      clip_length=config.input.num_frames, raw_size=_raw_size(config),
+      clip_length=config.input.num_frames, raw_size=sampling.raw_size(config),
       threads=_threads(config))
   num_batches = -(-len(source) // config.batch_size)
   return _stream(config, grain.MapDataset.range(num_batches).map(batch))

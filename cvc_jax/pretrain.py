@@ -21,6 +21,7 @@ from cvc_jax import checkpointing
 from cvc_jax import losses
 from cvc_jax import models
 from cvc_jax import parallel
+from cvc_jax import sampling
 from cvc_jax.models import cvc
 
 TERMS = ("I_vv", "I_vs", "I_vd", "align_s", "align_d", "entropy_s", "entropy_d",
@@ -277,7 +278,7 @@ def train_step(state: TrainState, views: jax.Array, config, steps_per_epoch: int
 def batch_shapes(config, sharding: NamedSharding | None = None) -> dict[str, Any]:
   """A pretraining batch of `config` as shapes, placed by `sharding`: the 2T
   uint8 frames of each video in the raw_size canvas and their true sizes."""
-  b, t, (h, w) = config.batch_size, config.input.num_frames, config.input.raw_size
+  b, t, (h, w) = config.batch_size, config.input.num_frames, sampling.raw_size(config)
   return {"frames": jax.ShapeDtypeStruct((b, 2 * t, h, w, 3), jnp.uint8, sharding=sharding),
           "sizes": jax.ShapeDtypeStruct((b, 2), jnp.int32, sharding=sharding)}
 

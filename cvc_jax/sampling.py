@@ -21,6 +21,15 @@ def _seed(seed: int) -> int:
   return int(seed) % 2**64  # SeedSequence takes non-negative entropy only.
 
 
+def raw_size(config) -> tuple[int, int]:
+  """`config.input.raw_size`, the (height, width) canvas every frame is read into."""
+  size = tuple(int(s) for s in config.input.raw_size)
+  if len(size) != 2:
+    raise ValueError(f"config.input.raw_size is the frame canvas (height, width), "
+                     f"e.g. (128, 228); got {config.input.raw_size}.")
+  return size
+
+
 def whole_batches(n: int, batch_size: int) -> int:
   """Whole global batches in a split of n videos (the rest is skipped each epoch)."""
   if n < batch_size:

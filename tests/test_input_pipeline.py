@@ -1,10 +1,14 @@
 """The synthetic_motion builder and the pretraining input pipeline (SPEC section 1)."""
 
+import os
+
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import common
 from cvc_jax import input_pipeline
+from cvc_jax import pretrain
 from cvc_jax import sampling
 from tfds_builders.synthetic_motion import synthetic_motion_dataset_builder as sm
 
@@ -282,6 +286,18 @@ def test_a_canvas_that_is_not_height_and_width_is_named(data_dir):
   config = _config(data_dir, raw_size=(40,))
   with pytest.raises(ValueError, match=r"raw_size is the frame canvas \(height, width\)"):
     next(input_pipeline.pretrain_batches(config))
+  # Several processes build the batch's shapes first: the same message there.
+  with pytest.raises(ValueError, match=r"raw_size is the frame canvas \(height, width\)"):
+    pretrain.batch_shapes(config)
+
+
+def test_decoding_threads_without_sched_getaffinity(monkeypatch):
+  config = ml_collections.ConfigDict({"input": {"num_threads": 0, "num_workers": 0}})
+  monkeypatch.delattr(os, "sched_getaffinity")  # macOS and Windows have none
+  monkeypatch.setattr(os, "cpu_count", lambda: 3)
+  assert input_pipeline._threads(config) == 3  # pylint: disable=protected-access
+  config.input.num_threads = 5
+  assert input_pipeline._threads(config) == 5  # pylint: disable=protected-access
 
 
 def test_frames_smaller_than_the_crop_are_named():
