@@ -318,7 +318,7 @@ def config_flags(config) -> list[str]:
       f"--batch_size={c.batch_size}", f"--frames={c.input.num_frames}",
       f"--size={c.input.crop_size}", f"--blocks={','.join(map(str, m.encoder.blocks))}",
       f"--width={m.encoder.width}", f"--concepts={m.num_concepts}", f"--sigma={m.sigma}",
-      f"--sigma_dim={m.sigma_dim}", f"--decoder_hidden={m.decoder_hidden}",
+      f"--sigma_dim={m.sigma_dim or 0}", f"--decoder_hidden={m.decoder_hidden}",
       f"--proj_hidden={m.proj_hidden}", f"--proj_dim={m.proj_dim}",
       f"--queue={c.loss.queue_size}", f"--topk={c.loss.loc_topk}",
       f"--topk_rule={'strict' if c.loss.loc_topk_strict else 'exact'}",

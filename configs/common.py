@@ -5,8 +5,7 @@ named in `arg`, e.g. `--config=configs/ucf101.py:sigma=linear,runlocal`.
 """
 
 import ml_collections
-
-from cvc_jax.models import resnet3d
+from ml_collections import config_dict
 
 
 def base() -> ml_collections.ConfigDict:
@@ -75,7 +74,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.separate_encoders = False
   c.model.num_concepts = 50  # K per kind (K_s = K_d)
   c.model.sigma = "identity"  # identity | linear | mlp
-  c.model.sigma_dim = 512
+  # The concept space's width; unset: the encoder's feature width D (512 for
+  # R(2+1)D-18, as the paper; the only width identity sigma allows).
+  c.model.sigma_dim = config_dict.placeholder(int)
   c.model.decoder_hidden = 512  # 0: linear decoder
   c.model.proj_hidden = 512
   c.model.proj_dim = 128
@@ -138,7 +139,6 @@ def runlocal(c: ml_collections.ConfigDict, keep_blocks: bool = False) -> None:
   if not keep_blocks:
     c.model.encoder.blocks = (1, 1, 1, 1)
   c.model.num_concepts = 8
-  c.model.sigma_dim = resnet3d.feature_dim(c.model.encoder)  # identity sigma fits
   c.model.decoder_hidden //= 16  # 512 -> 32; the variants' 128 -> 8, linear stays 0
   c.model.proj_hidden = 32
   c.model.proj_dim = 16
@@ -173,8 +173,6 @@ def _backbone(c, name):
   encoder, crop, raw = BACKBONES[name]
   c.model.encoder.update(encoder)
   c.input.crop_size, c.input.raw_size = crop, raw
-  # The concept space follows the encoder's width (identity sigma needs it).
-  c.model.sigma_dim = resnet3d.feature_dim(c.model.encoder)
 
 
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

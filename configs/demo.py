@@ -44,7 +44,6 @@ def get_config(arg=None):
   c.model.encoder.width = 8
   c.model.encoder.blocks = (1, 1, 1, 1)
   c.model.num_concepts = 8
-  c.model.sigma_dim = 64
   c.model.decoder_hidden = 64
   c.model.proj_hidden = 64
   c.model.proj_dim = 32

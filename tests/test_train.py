@@ -218,4 +218,5 @@ def test_every_variant_takes_a_step(variant):
   if variant == "decoder=128":  # runlocal: 128 / 16
     assert new.params["gv_0"]["kernel"].shape == (2 * config.model.num_concepts, 8)
   if variant == "backbone=r3d50":  # bottleneck blocks: D = width x 8 x 4
-    assert new.params["fvv_0"]["kernel"].shape[0] == config.model.sigma_dim == 8 * 8 * 4
+    assert config.model.sigma_dim is None  # unset: the concept space follows D
+    assert new.params["fvv_0"]["kernel"].shape[0] == 8 * 8 * 4

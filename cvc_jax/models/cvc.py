@@ -165,9 +165,11 @@ def build_model(config) -> CVCModel:
     raise ValueError(f"config.dtype must be one of {COMPUTE_DTYPES}, got "
                      f"{config.dtype!r}.")
   m = config.model
+  sigma_dim = m.get("sigma_dim")  # unset: the encoder's width D
   return CVCModel(
       encoder=m.encoder.to_dict() if hasattr(m.encoder, "to_dict") else dict(m.encoder),
-      num_concepts=m.num_concepts, sigma=m.sigma, sigma_dim=m.sigma_dim,
+      num_concepts=m.num_concepts, sigma=m.sigma,
+      sigma_dim=resnet3d.feature_dim(m.encoder) if sigma_dim is None else sigma_dim,
       decoder_hidden=m.decoder_hidden, proj_hidden=m.proj_hidden, proj_dim=m.proj_dim,
       separate_encoders=m.separate_encoders, dtype=jnp.dtype(config.get("dtype", "float32")),
       remat=config.get("remat", "none"))
