@@ -324,86 +324,83 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   rng = jax.jit(functools.partial(jax.random.key, config.seed), out_shardings=replicated)()
   state = init_train_state(config, rng, views_shape, steps_per_epoch, sharding=replicated)
 
-  # Resume: the newest checkpoint orbax finalised (a save cut short is never
-  # listed). Restored in place of the fresh state: step, params, batch_stats,
-  # opt_state, queue, then the base PRNG key; the data position follows the step.
-  manager = ocp.CheckpointManager(
+  # Closed on the way out, whatever the way: it waits for a save in flight and
+  # stops orbax's asynchronous machinery (which complains at exit otherwise).
+  with ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=config.get("keep_checkpoints", 3),
           save_interval_steps=config.checkpoint_every_steps,
-          cleanup_tmp_directories=True))
-  latest = manager.latest_step()
-  if latest is not None:
-    try:
+          cleanup_tmp_directories=True)) as manager:
+    # Resume: the newest checkpoint orbax finalised (a save cut short is never
+    # listed). Restored in place of the fresh state: step, params, batch_stats,
+    # opt_state, queue, then the base PRNG key; the data position follows the step.
+    latest = manager.latest_step()
+    if latest is not None:
       restored = checkpointing.restore(manager, latest, _checkpoint_tree(state, rng))
-    except ValueError:
-      manager.close()  # no asynchronous machinery left to complain at exit
-      raise
-    rng = jax.random.wrap_key_data(restored.pop("rng"))
-    state = state.replace(**restored)
-    logging.info("Resumed from step %d in %s.", latest, workdir)
-  start_step = int(state.step)
-  # Written once the checkpoint is known to fit: a refused resume leaves the
-  # config.json that describes the workdir's checkpoints.
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+      rng = jax.random.wrap_key_data(restored.pop("rng"))
+      state = state.replace(**restored)
+      logging.info("Resumed from step %d in %s.", latest, workdir)
+    start_step = int(state.step)
+    # Written once the checkpoint is known to fit: a refused resume leaves the
+    # config.json that describes the workdir's checkpoints.
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
 
-  def step_fn(state, batch, rng):
-    views = views_lib.pretrain_views(batch["frames"], jax.random.fold_in(rng, state.step),
-                                     config, batch["sizes"])
-    return train_step(state, views, config, steps_per_epoch)
+    def step_fn(state, batch, rng):
+      views = views_lib.pretrain_views(batch["frames"], jax.random.fold_in(rng, state.step),
+                                       config, batch["sizes"])
+      return train_step(state, views, config, steps_per_epoch)
 
-  p_step = jax.jit(step_fn, donate_argnums=(0,),
-                   in_shardings=(replicated, batch_sharding, replicated),
-                   out_shardings=(replicated, replicated),
-                   compiler_options=models.conv_compiler_options(config.dtype))
-  if start_step < total_steps:
-    p_step = parallel.compiled_together(
-        p_step, state, batch_shapes(config, batch_sharding), rng, name="train step")
-  batches = input_pipeline.pretrain_batches(config, start_step=start_step)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
-  schedule = lr_schedule(config.optim, steps_per_epoch)
-  preemption = checkpointing.Preemption(manager)
-  log_every = config.get("log_every_steps", 50)
-  pending = None  # the previous step's metrics, read one step late to keep overlap
-  timer = time.perf_counter()
-  try:
-    for step in range(start_step, total_steps):
-      local = next(batches)
-      batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
-               for k in ("frames", "sizes")}
-      state, metrics = p_step(state, batch, rng)
+    p_step = jax.jit(step_fn, donate_argnums=(0,),
+                     in_shardings=(replicated, batch_sharding, replicated),
+                     out_shardings=(replicated, replicated),
+                     compiler_options=models.conv_compiler_options(config.dtype))
+    if start_step < total_steps:
+      p_step = parallel.compiled_together(
+          p_step, state, batch_shapes(config, batch_sharding), rng, name="train step")
+    batches = input_pipeline.pretrain_batches(config, start_step=start_step)
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0)
+    report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+    schedule = lr_schedule(config.optim, steps_per_epoch)
+    preemption = checkpointing.Preemption(manager)
+    log_every = config.get("log_every_steps", 50)
+    pending = None  # the previous step's metrics, read one step late to keep overlap
+    timer = time.perf_counter()
+    try:
+      for step in range(start_step, total_steps):
+        local = next(batches)
+        batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
+                 for k in ("frames", "sizes")}
+        state, metrics = p_step(state, batch, rng)
+        if pending is not None:
+          _check_finite(*pending, manager)
+        pending = (step, metrics)
+        report(step + 1)
+        if (step + 1) % log_every == 0 or step + 1 == total_steps:
+          _check_finite(step, metrics, manager)
+          elapsed, timer = time.perf_counter() - timer, time.perf_counter()
+          scalars = {k: float(v) for k, v in metrics.items() if k != "finite"}
+          scalars.update(lr=float(schedule(step)), steps_per_sec=log_every / elapsed,
+                         clips_per_sec=log_every * config.batch_size * 6 / elapsed)
+          writer.write_scalars(step + 1, scalars)
+        preempted = preemption.reached(step + 1)
+        if preempted or step + 1 == total_steps or manager.should_save(step + 1):
+          # Only a state known to be finite is ever written.
+          _check_finite(step, metrics, manager)
+          pending = None
+          manager.save(step + 1, args=ocp.args.StandardSave(_checkpoint_tree(state, rng)),
+                       force=True)
+        if preempted:
+          logging.warning("Stopped at step %d after a preemption signal.", step + 1)
+          break
       if pending is not None:
         _check_finite(*pending, manager)
-      pending = (step, metrics)
-      report(step + 1)
-      if (step + 1) % log_every == 0 or step + 1 == total_steps:
-        _check_finite(step, metrics, manager)
-        elapsed, timer = time.perf_counter() - timer, time.perf_counter()
-        scalars = {k: float(v) for k, v in metrics.items() if k != "finite"}
-        scalars.update(lr=float(schedule(step)), steps_per_sec=log_every / elapsed,
-                       clips_per_sec=log_every * config.batch_size * 6 / elapsed)
-        writer.write_scalars(step + 1, scalars)
-      preempted = preemption.reached(step + 1)
-      if preempted or step + 1 == total_steps or manager.should_save(step + 1):
-        # Only a state known to be finite is ever written.
-        _check_finite(step, metrics, manager)
-        pending = None
-        manager.save(step + 1, args=ocp.args.StandardSave(_checkpoint_tree(state, rng)),
-                     force=True)
-      if preempted:
-        logging.warning("Stopped at step %d after a preemption signal.", step + 1)
-        break
-    if pending is not None:
-      _check_finite(*pending, manager)
-  finally:
-    manager.wait_until_finished()
-    writer.flush()
-    preemption.restore()
+    finally:
+      writer.flush()
+      preemption.restore()
   return state
 
 

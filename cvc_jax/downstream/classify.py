@@ -139,55 +139,51 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), new_stats, opt_state), loss
 
-  manager = ocp.CheckpointManager(
+  # Closed on the way out, whatever the way (see pretrain.train_and_evaluate).
+  with ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=2, save_interval_steps=config.checkpoint_every_steps,
-          cleanup_tmp_directories=True))
-  start_step = 0
-  if manager.latest_step() is not None:
-    try:
+          cleanup_tmp_directories=True)) as manager:
+    start_step = 0
+    if manager.latest_step() is not None:
       _check_same_run(config, workdir)
       start_step = manager.latest_step()
       state = checkpointing.restore(manager, start_step, dict(step=0, state=state))["state"]
-    except ValueError:
-      manager.close()  # no asynchronous machinery left to complain at exit
-      raise
-    logging.info("Resumed %s from step %d of %d.", config.mode, start_step, total_steps)
-  parallel.barrier("cvc_jax: config.json checked")  # by all, before it changes
-  if jax.process_index() == 0:  # what _check_same_run reads when this run resumes
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+      logging.info("Resumed %s from step %d of %d.", config.mode, start_step, total_steps)
+    parallel.barrier("cvc_jax: config.json checked")  # by all, before it changes
+    if jax.process_index() == 0:  # what _check_same_run reads when this run resumes
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
 
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
-  rng = jax.random.key(config.seed + 1)
-  batches = input_pipeline.train_clip_batches(config, start_step=start_step)
-  preemption = checkpointing.Preemption(manager)
-  try:
-    for i in range(start_step, total_steps):
-      local = next(batches)
-      batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
-               for k in ("frames", "sizes", "label")}
-      key = jax.random.fold_in(rng, i)
-      if i == start_step:
-        step = parallel.compiled_together(step, state, batch, key, name="downstream step")
-      state, loss = step(state, batch, key)
-      report(i + 1)
-      if (i + 1) % config.log_every_steps == 0 or i + 1 == total_steps:
-        writer.write_scalars(i + 1, {"train_loss": float(loss)})
-      preempted = preemption.reached(i + 1)  # once: a signal may come in between
-      if preempted or i + 1 == total_steps or manager.should_save(i + 1):
-        manager.save(i + 1, args=ocp.args.StandardSave(dict(step=i + 1, state=state)),
-                     force=True)
-      if preempted:
-        logging.warning("Stopped at step %d after a preemption signal; run the same "
-                        "command again to resume.", i + 1)
-        return {}
-  finally:
-    manager.wait_until_finished()
-    preemption.restore()
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0)
+    report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+    rng = jax.random.key(config.seed + 1)
+    batches = input_pipeline.train_clip_batches(config, start_step=start_step)
+    preemption = checkpointing.Preemption(manager)
+    try:
+      for i in range(start_step, total_steps):
+        local = next(batches)
+        batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
+                 for k in ("frames", "sizes", "label")}
+        key = jax.random.fold_in(rng, i)
+        if i == start_step:
+          step = parallel.compiled_together(step, state, batch, key, name="downstream step")
+        state, loss = step(state, batch, key)
+        report(i + 1)
+        if (i + 1) % config.log_every_steps == 0 or i + 1 == total_steps:
+          writer.write_scalars(i + 1, {"train_loss": float(loss)})
+        preempted = preemption.reached(i + 1)  # once: a signal may come in between
+        if preempted or i + 1 == total_steps or manager.should_save(i + 1):
+          manager.save(i + 1, args=ocp.args.StandardSave(dict(step=i + 1, state=state)),
+                       force=True)
+        if preempted:
+          logging.warning("Stopped at step %d after a preemption signal; run the same "
+                          "command again to resume.", i + 1)
+          return {}
+    finally:
+      preemption.restore()
 
   params, batch_stats, _ = state
   variables = {"params": params, "batch_stats": batch_stats}
