@@ -94,9 +94,9 @@ def test_jax_benchmark_command_without_tensorflow_on_fake_devices(tmp_path):
   assert r["step_time_median_s"] == np.median(r["step_times_s"]) > 0
   assert r["step_time_min_s"] <= r["step_time_median_s"] <= r["step_time_max_s"]
   np.testing.assert_allclose(r["clips_per_s"], 6 * 8 / r["step_time_median_s"])
-  # The FLOPs of the step it timed, as step_flops counts them from shapes alone;
-  # no peak known for CPUs, so no MFU.
-  assert r["flops_per_step"] == pytest.approx(benchmark.step_flops(config), rel=0.01)
+  # The FLOPs of the step it timed, exactly as step_flops counts them from shapes
+  # alone (the same convolutions and products); no peak known for CPUs, so no MFU.
+  assert r["flops_per_step"] == benchmark.step_flops(config)
   assert r["mfu"] is None
   assert r["peak_memory_bytes"] > 0 and "RSS" in r["peak_memory_source"]
   assert r["compile_time_s"] > 0
@@ -164,8 +164,13 @@ def test_speed_options_count_only_the_model_flops():
   config.model.encoder.stem_impl = "space_to_depth"  # nor the 8x8 stem's zero taps
   assert benchmark.step_flops(config) == plain
   config.model.encoder.stem_impl = "conv"
-  config.remat = "blocks"  # nor the forward passes remat repeats
+  config.remat = "blocks"  # nor the forward passes remat repeats ...
   assert benchmark.step_flops(config) == plain
+  # ... which the traced step does hold: 1.29x the convolutions and products,
+  # a second forward pass of the encoder in the gradient's remat regions.
+  step = benchmark._step_fn(config, 1)  # pylint: disable=protected-access
+  raw = benchmark.jaxpr_flops(jax.make_jaxpr(step)(*benchmark.abstract_inputs(config)))
+  assert raw == pytest.approx(1.29 * plain, rel=0.01)
 
 
 def test_norm_fusions_times_every_pass_per_channel_count():

@@ -96,16 +96,29 @@ def _authors_encoder(path):
   return encoder
 
 
-def test_retrieval_from_an_authors_checkpoint(tmp_path, data_dir, authors_checkpoint):
+def test_retrieval_from_an_authors_checkpoint(tmp_path, data_dir, authors_checkpoint,
+                                             monkeypatch):
   from cvc_jax.downstream import metrics  # pylint: disable=g-import-not-at-top
   config = _tiny(ucf101_retrieval.get_config("runlocal"), data_dir,
                  init_from=authors_checkpoint, batch_size=8)
+  got = {}  # the features and labels the run ranks by
+  recall_of = metrics.retrieval_recall
+  def spy(query_f, query_l, gallery_f, gallery_l, **kwargs):
+    got.update(test=(np.asarray(query_f), np.asarray(query_l)),
+               train=(np.asarray(gallery_f), np.asarray(gallery_l)))
+    return recall_of(query_f, query_l, gallery_f, gallery_l, **kwargs)
+  monkeypatch.setattr(evaluate.metrics, "retrieval_recall", spy)
   recall = evaluate.run_retrieval(config, str(tmp_path))
-  # The same protocol with the authors' encoder run by PyTorch on the same clips.
+  # The same protocol with the authors' encoder run by PyTorch on the same clips:
+  # the same clip-averaged features, so the same recall.
   encoder = _authors_encoder(authors_checkpoint)
   train_f, train_l = _torch_features(config, config.eval.train_split, encoder)
   test_f, test_l = _torch_features(config, config.eval.test_split, encoder)
-  want = metrics.retrieval_recall(test_f, test_l, train_f, train_l, ks=config.eval.recall_ks)
+  for split, (f, l) in (("train", (train_f, train_l)), ("test", (test_f, test_l))):
+    np.testing.assert_allclose(got[split][0], f, rtol=1e-4, atol=1e-5, err_msg=split)
+    np.testing.assert_array_equal(got[split][1], l, err_msg=split)
+  assert np.ptp(test_f, axis=0).max() > 1e-3  # the videos' features differ
+  want = recall_of(test_f, test_l, train_f, train_l, ks=config.eval.recall_ks)
   assert recall == pytest.approx(want, abs=1e-6)
   assert recall["R@1"] < 1.0  # not a query finding itself
   with open(tmp_path / "results.json") as f:
@@ -179,7 +192,8 @@ def test_downstream_optimizer_follows_optim_name():
     classify._optimizer(config, 10, linear=False)  # pylint: disable=protected-access
 
 
-def test_demo_compares_pretrained_and_random_on_both_labels(tmp_path, data_dir):
+def test_demo_compares_pretrained_and_random_on_both_labels(tmp_path, data_dir,
+                                                           monkeypatch):
   """demo.compare on a pretraining workdir (a checkpoint saved as pretrain saves it)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from configs import demo as demo_config  # pylint: disable=g-import-not-at-top
@@ -222,9 +236,20 @@ def test_demo_compares_pretrained_and_random_on_both_labels(tmp_path, data_dir):
                                     backbone=jax.tree_util.tree_unflatten(tree, noisy)))
   manager.save(1, args=ocp.args.StandardSave(pretrain._checkpoint_tree(moved, rng)))  # pylint: disable=protected-access
   manager.wait_until_finished()
+  evaluated = []  # the encoder variables each row's features came from
+  features = evaluate.features
+  def spy(config, module, variables, **kwargs):
+    evaluated.append(variables)
+    return features(config, module, variables, **kwargs)
+  monkeypatch.setattr(demo.evaluate, "features", spy)
   demo.compare(config, workdir)
   with open(tmp_path / "results.json") as f:
     later = json.load(f)
+  assert len(evaluated) == 4  # {pretrained, random init} x {train, test}
+  for variables, want in zip(evaluated, 2 * [moved] + 2 * [state]):
+    jax.tree.map(np.testing.assert_array_equal, variables,
+                 {"params": want.params["backbone"],
+                  "batch_stats": want.batch_stats["backbone"]})
   for label in ("label_static", "label_dynamic"):
     assert later[f"random init/{label}"] == results[f"random init/{label}"]
     assert later[f"pretrained/{label}"] != results[f"pretrained/{label}"]

@@ -160,7 +160,11 @@ def test_torch_export_loads_strictly_and_agrees(tmp_path, workdir, layout):
     encoder = dict(arch="hara", depth=10, width=8, conv1_t_size=3)
     config, state = _workdir(path, encoder=encoder)
     net = TorchHaraResNet(10, width=8, conv1_t_size=3)
-  written = export.export(path, str(tmp_path / "enc.safetensors"), fmt="torch")
+  umask = os.umask(0o022)  # whatever CI's: a mode that differs from 0600
+  try:
+    written = export.export(path, str(tmp_path / "enc.safetensors"), fmt="torch")
+  finally:
+    os.umask(umask)
   assert [os.path.basename(p) for p in written] == ["enc.safetensors", "enc.pth"]
 
   clips = _clips(config)
@@ -181,7 +185,8 @@ def test_torch_export_loads_strictly_and_agrees(tmp_path, workdir, layout):
     for key in f.keys():
       np.testing.assert_array_equal(f.get_tensor(key), pth[key].numpy(), err_msg=key)
   assert info["encoder"]["arch"] == config.model.encoder.arch
-  assert os.stat(written[0]).st_mode & 0o777 == os.stat(written[1]).st_mode & 0o777
+  # Both files have the mode any new file gets (safetensors writes 0600 itself).
+  assert [os.stat(p).st_mode & 0o777 for p in written] == [0o644, 0o644]
   # An export never replaces an earlier one.
   with pytest.raises(FileExistsError, match="enc.safetensors exists; an export never"):
     export.export(path, str(tmp_path / "enc"), fmt="torch")
