@@ -24,6 +24,7 @@ from cvc_jax import pretrain
 from cvc_jax.models import convolutions
 from cvc_jax.models import cvc
 from cvc_jax.models import resnet3d
+from tests import jaxprs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE_ROWS = ("framework", "device", "dtype", "global batch", "step time (median)",
@@ -605,18 +606,8 @@ def test_space_to_depth_convolution_is_the_strided_one(shape, kernel, strides, i
                              rtol=1e-4, atol=1e-4)
   # What the backend runs: 4x the channels, no spatial stride. The 2d1d form
   # holds its convolution inside a custom_vjp's jaxpr.
-
-  def convs(jaxpr):
-    found = []
-    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
-      if eqn.primitive.name == "conv_general_dilated":
-        found.append(eqn)
-      for value in eqn.params.values():
-        for sub in benchmark._sub_jaxprs(value):  # pylint: disable=protected-access
-          found += convs(sub)
-    return found
-
-  (conv_eqn,) = convs(jax.make_jaxpr(s2d.apply)(params, x))
+  (conv_eqn,) = [eqn for eqn in jaxprs.equations(jax.make_jaxpr(s2d.apply)(params, x))
+                 if eqn.primitive.name == "conv_general_dilated"]
   assert conv_eqn.invars[0].aval.shape[-1] >= 4 * shape[-1]
   assert tuple(conv_eqn.params["window_strides"])[-2:] == (1, 1)
 

@@ -4,7 +4,6 @@ import collections
 import functools
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from cvc_jax import models
 from cvc_jax import parallel
 from cvc_jax import pretrain
 from cvc_jax.models import cvc
+from tests import jaxprs
 
 B = 8  # one video per fake device
 
@@ -154,14 +154,10 @@ def test_bfloat16_compute_keeps_float32_parameters():
   half = pretrain.loss_terms(variables, views, config, queue=queue, epoch=6)
   # Every one of the model's convolutions and matrix products runs in bfloat16
   # operands (concept attention's too; it accumulates and softmaxes in float32) ...
-  jaxpr = jax.make_jaxpr(init)(jax.random.PRNGKey(0), views)
-  def operand_dtypes(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
-        yield eqn.primitive.name, tuple(str(v.aval.dtype) for v in eqn.invars[:2])
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        yield from operand_dtypes(sub)
-  ops = collections.Counter(operand_dtypes(jaxpr.jaxpr))
+  ops = collections.Counter(
+      (eqn.primitive.name, tuple(str(v.aval.dtype) for v in eqn.invars[:2]))
+      for eqn in jaxprs.equations(jax.make_jaxpr(init)(jax.random.PRNGKey(0), views))
+      if eqn.primitive.name in ("conv_general_dilated", "dot_general"))
   assert set(ops) == {("conv_general_dilated", ("bfloat16", "bfloat16")),
                       ("dot_general", ("bfloat16", "bfloat16"))}, ops
   assert ops["conv_general_dilated", ("bfloat16", "bfloat16")] == 15  # (1,1,1,1) blocks
