@@ -12,6 +12,7 @@ import torch
 from configs.eval import ucf101_linear, ucf101_retrieval
 from cvc_jax import input_pipeline
 from cvc_jax.downstream import classify, evaluate
+from tests import overrides
 from tests.torch_reference import cvc_model
 from tests.torch_reference.video_resnet import TorchVideoResNet
 
@@ -23,19 +24,10 @@ def data_dir(tmp_path_factory):
   return path
 
 
-def _tiny(config, data_dir, **overrides):
-  with config.unlocked():
-    config.input.data_dir = data_dir
-    config.input.dataset = "synthetic_motion/tiny"
-    config.input.raw_size = (40, 48)
-    config.eval.num_clips = 3
-    for key, value in overrides.items():
-      target = config
-      *path, leaf = key.split(".")
-      for p in path:
-        target = target[p]
-      target[leaf] = value
-  return config
+def _tiny(config, data_dir, **changes):
+  return overrides.apply(config, {
+      "input.data_dir": data_dir, "input.dataset": overrides.TINY_DATA,
+      "input.raw_size": (40, 48), "eval.num_clips": 3, **changes})
 
 
 def test_every_video_counted_once_when_the_batch_does_not_divide(data_dir):

@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tests import multidevice_worker
+from tests import overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,18 +78,14 @@ def test_main_in_two_processes_stops_on_one_sigterm_resumes_and_equals_one_proce
   from cvc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from cvc_jax.models import exported  # pylint: disable=g-import-not-at-top
   steps = 6  # 16 tiny videos, batch 8: 3 epochs
-  config = demo.get_config()
-  with config.unlocked():
-    config.input.data_dir, config.input.dataset = str(tmp_path / "tfds"), "synthetic_motion/tiny"
-  input_pipeline.ensure_built(config)
-  data = [f"--config.input.data_dir={config.input.data_dir}",
-          f"--config.input.dataset={config.input.dataset}", "--config.batch_size=8"]
+  run = overrides.tiny_pretraining(str(tmp_path / "tfds"), steps)
+  input_pipeline.ensure_built(overrides.apply(demo.get_config(), run))
+  data = overrides.flags({k: run[k] for k in ("input.data_dir", "input.dataset",
+                                              "batch_size")})
   # As in run_steps: Adam's eps at 1 keeps float32 reduction-order noise in
   # near-zero gradients from becoming whole steps of lr.
-  overrides = [*data, f"--config.num_epochs={steps // 2}", "--config.checkpoint_every_steps=1",
-               "--config.log_every_steps=1", "--config.eval_after_pretraining=False",
-               "--config.optim.eps=1.0", "--config.optim.lr=1e-4",
-               f"--config.keep_checkpoints={steps}"]
+  pretraining = overrides.flags({**run, "log_every_steps": 1, "optim.eps": 1.0,
+                                 "optim.lr": 1e-4, "keep_checkpoints": steps})
   # No persistent compilation cache for the two processes: their programs' cache
   # keys differ, so only process 0 finds a cached program, and a cached program
   # beside a fresh compile of the same step disagreed on their gloo collectives
@@ -100,7 +97,7 @@ def test_main_in_two_processes_stops_on_one_sigterm_resumes_and_equals_one_proce
   two = tmp_path / "two"
   ckpts = two / "checkpoints"
 
-  def launch(workdir=two, config_file="configs/demo.py", flags=overrides):
+  def launch(workdir=two, config_file="configs/demo.py", flags=pretraining):
     port = _free_port()
     logs = [open(tmp_path / f"log{i}.txt", "w+") for i in range(2)]  # pylint: disable=consider-using-with
     procs = [subprocess.Popen(
@@ -142,7 +139,7 @@ def test_main_in_two_processes_stops_on_one_sigterm_resumes_and_equals_one_proce
   assert f"Resumed from step {stopped}" in out[0], out[0][-3000:]
   one = subprocess.run(
       [sys.executable, "-m", "cvc_jax.main", "--config=configs/demo.py",
-       f"--workdir={tmp_path / 'one'}", *overrides], cwd=ROOT, capture_output=True,
+       f"--workdir={tmp_path / 'one'}", *pretraining], cwd=ROOT, capture_output=True,
       text=True, timeout=400, env=alone)
   assert one.returncode == 0, _error_lines(one.stderr)
   # read_workdir (downstream's reader) reads the 2-process checkpoint in 1 process.

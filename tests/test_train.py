@@ -19,6 +19,7 @@ import pytest
 
 from configs import demo, ucf101
 from cvc_jax import input_pipeline, pretrain
+from tests import overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8  # tiny synthetic train split: 16 videos / batch 8 = 2 steps per epoch
@@ -32,30 +33,19 @@ def data_dir(tmp_path_factory):
 
 
 def _overrides(data_dir):
-  return [f"--config.input.data_dir={data_dir}",
-          "--config.input.dataset=synthetic_motion/tiny", "--config.batch_size=8",
-          f"--config.num_epochs={STEPS // 2}", "--config.checkpoint_every_steps=1",
-          "--config.log_every_steps=2", "--config.loss.loc_start_epoch=2",
-          "--config.eval_after_pretraining=False"]
+  return {**overrides.tiny_pretraining(data_dir, STEPS), "log_every_steps": 2,
+          "loss.loc_start_epoch": 2}
 
 
 def _config(data_dir):
-  config = demo.get_config()
-  with config.unlocked():
-    config.input.data_dir = data_dir
-    config.input.dataset = "synthetic_motion/tiny"
-    config.batch_size, config.num_epochs = 8, STEPS // 2
-    config.checkpoint_every_steps, config.log_every_steps = 1, 2
-    config.loss.loc_start_epoch = 2
-    config.eval_after_pretraining = False
-  return config
+  return overrides.apply(demo.get_config(), _overrides(data_dir))
 
 
 def _main(workdir, data_dir, *extra):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
   return subprocess.Popen(
       [sys.executable, "-m", "cvc_jax.main", "--config=configs/demo.py",
-       f"--workdir={workdir}", *_overrides(data_dir), *extra], cwd=ROOT, env=env,
+       f"--workdir={workdir}", *overrides.flags(_overrides(data_dir)), *extra], cwd=ROOT, env=env,
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
