@@ -305,11 +305,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   # Imported here so that the model, losses and train step import without
   # TensorFlow (clu's writers and the input pipeline bring it in).
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
-  from cvc_jax import input_pipeline, views as views_lib  # pylint: disable=g-import-not-at-top
+  from cvc_jax import datasets, input_pipeline, views as views_lib  # pylint: disable=g-import-not-at-top
 
   os.makedirs(workdir, exist_ok=True)
-  input_pipeline.ensure_built(config)
-  steps_per_epoch = input_pipeline.steps_per_epoch(config)
+  datasets.ensure_built(config)
+  steps_per_epoch = datasets.steps_per_epoch(config)
   total_steps = config.num_epochs * steps_per_epoch
 
   # One `data` axis over every device of every host; the batch is split along it

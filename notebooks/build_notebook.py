@@ -91,14 +91,14 @@ if BATCH_SIZE % jax.device_count():
 DATA = """\
 # Build the synthetic data set (once; TFDS shows its progress).
 from configs import demo
-from cvc_jax import input_pipeline
+from cvc_jax import datasets
 
 config = demo.get_config()
 with config.unlocked():
   config.input.dataset, config.input.data_dir = DATASET, DATA_DIR
   config.num_epochs, config.batch_size = NUM_EPOCHS, BATCH_SIZE
   config.eval.num_clips = NUM_CLIPS
-builder = input_pipeline.ensure_built(config)
+builder = datasets.ensure_built(config)
 print({split: info.num_examples for split, info in builder.info.splits.items()})"""
 
 PRETRAIN_MD = """\

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from configs.eval import ucf101_linear, ucf101_retrieval
+from cvc_jax import datasets
 from cvc_jax import input_pipeline
 from cvc_jax.downstream import classify, evaluate
 from tests import overrides
@@ -20,7 +21,7 @@ from tests.torch_reference.video_resnet import TorchVideoResNet
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tfds"))
-  input_pipeline.ensure_built(_tiny(ucf101_retrieval.get_config("runlocal"), path))
+  datasets.ensure_built(_tiny(ucf101_retrieval.get_config("runlocal"), path))
   return path
 
 
@@ -45,7 +46,7 @@ def test_every_video_counted_once_when_the_batch_does_not_divide(data_dir):
     out_one, labels_one = evaluate.clip_averaged(config, mean_pixel, {}, split="train")
   np.testing.assert_allclose(out, out_one, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(labels, labels_one)
-  source = input_pipeline.data_source(config, "train")
+  source = datasets.data_source(config, "train")
   np.testing.assert_array_equal(labels, [source[i]["label"] for i in range(16)])
 
 

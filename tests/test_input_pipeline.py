@@ -1,12 +1,14 @@
 """The synthetic_motion builder and the pretraining input pipeline (SPEC section 1)."""
 
 import os
+import time
 
 import ml_collections
 import numpy as np
 import pytest
 
 from configs import common
+from cvc_jax import datasets
 from cvc_jax import input_pipeline
 from cvc_jax import pretrain
 from cvc_jax import sampling
@@ -29,14 +31,14 @@ def _config(data_dir, **input_overrides):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("tfds")
-  input_pipeline.ensure_built(_config(path))  # Builds it: not there yet.
+  datasets.ensure_built(_config(path))  # Builds it: not there yet.
   return path
 
 
 @pytest.fixture(scope="module")
 def examples(data_dir):
   """All tiny videos, split -> list of decoded examples (in record order)."""
-  builder = input_pipeline.ensure_built(_config(data_dir))
+  builder = datasets.ensure_built(_config(data_dir))
   out = {}
   for split in ("train", "test"):
     source = builder.as_data_source(split)
@@ -55,7 +57,7 @@ def _take(iterator, n):
 
 
 def test_builder_splits_and_features(data_dir, examples):
-  builder = input_pipeline.ensure_built(_config(data_dir))
+  builder = datasets.ensure_built(_config(data_dir))
   assert builder.info.splits["train"].num_examples == 16
   assert builder.info.splits["test"].num_examples == 8
   assert str(builder.info.file_format.value) == "array_record"
@@ -182,8 +184,8 @@ def test_sample_indices_takes_generator_or_seed_and_checks_args():
 
 def test_batches_shapes_dtypes_and_canvas(data_dir, examples):
   config = _config(data_dir, raw_size=(48, 56))  # Larger than the 40 x 48 frames.
-  assert input_pipeline.num_videos(config) == 16
-  assert input_pipeline.steps_per_epoch(config) == 2
+  assert datasets.num_videos(config) == 16
+  assert datasets.steps_per_epoch(config) == 2
   batch = next(input_pipeline.pretrain_batches(config))
   assert batch["frames"].shape == (8, 2 * NUM_FRAMES, 48, 56, 3)
   assert batch["frames"].dtype == np.uint8
@@ -275,11 +277,11 @@ def test_errors_are_clear(tmp_path, data_dir):
   config = _config(data_dir)
   config.batch_size = 32
   with pytest.raises(ValueError, match="fewer than the global batch"):
-    input_pipeline.steps_per_epoch(config)
+    datasets.steps_per_epoch(config)
   config = _config(tmp_path)
   config.input.dataset = "ucf101"  # Needs downloaded files: not built for us.
   with pytest.raises(FileNotFoundError, match="tfds build tfds_builders/ucf101"):
-    input_pipeline.ensure_built(config)
+    datasets.ensure_built(config)
 
 
 def test_a_canvas_that_is_not_height_and_width_is_named(data_dir):
@@ -303,14 +305,14 @@ def test_decoding_threads_without_sched_getaffinity(monkeypatch):
 def test_frames_smaller_than_the_crop_are_named():
   from tfds_builders import video_builder  # pylint: disable=g-import-not-at-top
   configs = {c.name: c for c in video_builder.official_split_configs()}
-  warning = input_pipeline.upsampling_warning(configs["split1"], 224)
+  warning = datasets.upsampling_warning(configs["split1"], 224)
   assert "'split1' have a short side of 128 px, under the 224 px crop" in warning
   assert "ucf101/split1_short256" in warning
-  assert input_pipeline.upsampling_warning(configs["split1"], 112) is None
-  assert input_pipeline.upsampling_warning(configs["split1_short256"], 224) is None
-  assert input_pipeline.upsampling_warning(configs["split1_native"], 224) is None
+  assert datasets.upsampling_warning(configs["split1"], 112) is None
+  assert datasets.upsampling_warning(configs["split1_short256"], 224) is None
+  assert datasets.upsampling_warning(configs["split1_native"], 224) is None
   # Builders without a stored size (synthetic_motion) are left alone.
-  assert input_pipeline.upsampling_warning(sm.Builder.BUILDER_CONFIGS[0], 224) is None
+  assert datasets.upsampling_warning(sm.Builder.BUILDER_CONFIGS[0], 224) is None
 
 
 # ----------------------------------------------------------------------------
@@ -424,13 +426,16 @@ def test_worker_processes_yield_the_same_batches(data_dir):
   got.close()  # Stops the workers now rather than at garbage collection.
 
 
-def test_pipeline_benchmark_names_a_split_too_small_to_time(data_dir):
+def test_pipeline_benchmark_times_a_stream_from_its_creation():
+  # The pipeline prepares batches ahead from the moment it is created: that
+  # work is inside the timing (timed after a warm-up batch instead, two
+  # prefetched evaluation batches once came out 1.7x the decoder's own rate).
   from cvc_jax.benchmarks import input_pipeline as bench  # pylint: disable=g-import-not-at-top
-  test_videos = input_pipeline.num_videos(_config(data_dir), "test")
-  with pytest.raises(ValueError, match=f"Split 'test' has {test_videos} videos, one batch "
-                                       f"of {test_videos}: timing evaluation needs two"):
-    bench.measure("synthetic_motion/tiny", str(data_dir), split="train", eval_split="test",
-                  batch_size=test_videos, batches=1, repeats=1)
+  def make_iterator():
+    time.sleep(0.2)  # what a stream does before its first batch is asked for
+    return iter([{"frames": np.zeros(4)}])
+  wall, _ = bench._rate(make_iterator, 1)  # pylint: disable=protected-access
+  assert wall <= 4 / 0.2
 
 
 def test_pipeline_benchmark_times_the_frames_the_pipeline_decodes(data_dir):
@@ -438,8 +443,8 @@ def test_pipeline_benchmark_times_the_frames_the_pipeline_decodes(data_dir):
   # pylint: disable=protected-access
   config = bench._config("synthetic_motion/tiny", str(data_dir), 4)
   # The decoding it times alone: the distinct frames pretrain_batches reads.
-  encoded = bench._pretrain_frames(config, input_pipeline.data_source(config, "train"), 1)
-  batch = next(input_pipeline.pretrain_batches(config, start_step=1))
+  encoded = bench._pretrain_frames(config, datasets.data_source(config, "train"), 1)
+  batch = next(input_pipeline.pretrain_batches(config))
   assert len(encoded) == len(batch["frames"]) == 4
   for frames, clip in zip(encoded, batch["frames"]):
     decoded, _ = input_pipeline.decode_frames(frames, np.arange(len(frames)),

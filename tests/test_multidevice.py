@@ -75,11 +75,11 @@ def test_main_in_two_processes_stops_on_one_sigterm_resumes_and_equals_one_proce
   end where one process of 4 devices ends (the same partitioning of the batch, so
   only the collectives' summation order differs)."""
   from configs import demo  # pylint: disable=g-import-not-at-top
-  from cvc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cvc_jax import datasets  # pylint: disable=g-import-not-at-top
   from cvc_jax.models import exported  # pylint: disable=g-import-not-at-top
   steps = 6  # 16 tiny videos, batch 8: 3 epochs
   run = overrides.tiny_pretraining(str(tmp_path / "tfds"), steps)
-  input_pipeline.ensure_built(overrides.apply(demo.get_config(), run))
+  datasets.ensure_built(overrides.apply(demo.get_config(), run))
   data = overrides.flags({k: run[k] for k in ("input.data_dir", "input.dataset",
                                               "batch_size")})
   # As in run_steps: Adam's eps at 1 keeps float32 reduction-order noise in

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import demo, ucf101
-from cvc_jax import input_pipeline, pretrain
+from cvc_jax import datasets, pretrain
 from tests import overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +28,7 @@ STEPS = 8  # tiny synthetic train split: 16 videos / batch 8 = 2 steps per epoch
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tfds"))
-  input_pipeline.ensure_built(_config(path))
+  datasets.ensure_built(_config(path))
   return path
 
 

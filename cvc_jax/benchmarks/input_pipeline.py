@@ -34,6 +34,7 @@ from absl import logging
 import numpy as np
 
 from configs import common
+from cvc_jax import datasets
 from cvc_jax import input_pipeline as ip
 from cvc_jax import sampling
 
@@ -42,8 +43,8 @@ flags.DEFINE_string("data_dir", "", "TFDS data dir (default: TFDS's).")
 flags.DEFINE_string("split", "train", "Pretraining split.")
 flags.DEFINE_string("eval_split", "test", "Evaluation split.")
 flags.DEFINE_integer("batch_size", 16, "Videos per batch (this host).")
-flags.DEFINE_integer("batches", 8, "Batches timed per measurement (after one "
-                     "warm-up batch).")
+flags.DEFINE_integer("batches", 8, "Batches timed per measurement (evaluation: "
+                     "at most a pass over its split).")
 flags.DEFINE_integer("repeats", 3, "Times each measurement is repeated (the "
                      "best is kept).")
 flags.DEFINE_integer("fake_videos", 0, "Write and build this many fake "
@@ -70,11 +71,14 @@ def _timed(fn) -> tuple[int, float, float]:
   return samples, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _rate(iterator, batches: int, count=lambda b: len(b["frames"])):
-  """(samples/s, samples per CPU second) over `batches` batches after one."""
-  next(iterator)  # Warm-up: threads started, first reads done.
-  samples, wall, cpu = _timed(
-      lambda: sum(count(next(iterator)) for _ in range(batches)))
+def _rate(make_iterator, batches: int, count=lambda b: len(b["frames"])):
+  """(samples/s, samples per CPU second) of a new stream's first `batches`
+  batches, timed from its creation: the batches it prepares ahead (prefetch)
+  are done inside the timing, not before it starts."""
+  def run():
+    iterator = make_iterator()
+    return sum(count(next(iterator)) for _ in range(batches))
+  samples, wall, cpu = _timed(run)
   return samples / wall, samples / cpu
 
 
@@ -91,9 +95,10 @@ def _decode_rate(samples: list[list[bytes]]):
 
 
 def _pretrain_frames(config, source, steps: int) -> list[list[bytes]]:
-  """The JPEG bytes pretrain_batches decodes in steps 1..steps (distinct ones)."""
+  """The JPEG bytes pretrain_batches decodes in its first `steps` steps
+  (distinct ones)."""
   out = []
-  for step in range(1, steps + 1):
+  for step in range(steps):
     for video in sampling.step_videos(config.seed, step, split_size=len(source),
                                       batch_size=config.batch_size):
       encoded = source[int(video)]["video"]
@@ -123,25 +128,19 @@ def measure(dataset: str, data_dir: str, *, split: str, eval_split: str,
   """
   config = _config(dataset, data_dir, batch_size)
   config.input.split = split
-  ip.steps_per_epoch(config)  # Fails early if the split is too small.
-  source = ip.data_source(config, split)
-  eval_source = ip.data_source(config, eval_split)
-  num_eval = min(batches, ip.num_eval_batches(config, eval_split) - 1)
-  if num_eval < 1:  # the first batch warms up, untimed
-    raise ValueError(
-        f"Split {eval_split!r} has {len(eval_source)} videos, one batch of "
-        f"{batch_size}: timing evaluation needs two. Use a smaller --batch_size, or "
-        "more videos (--fake_videos).")
+  datasets.steps_per_epoch(config)  # Fails early if the split is too small.
+  source = datasets.data_source(config, split)
+  eval_source = datasets.data_source(config, eval_split)
+  num_eval = min(batches, ip.num_eval_batches(config, eval_split))
   pretrain_frames = _pretrain_frames(config, source, batches)
-  eval_frames = _eval_frames(config, eval_source,
-                             (num_eval + 1) * batch_size)[batch_size:]
+  eval_frames = _eval_frames(config, eval_source, num_eval * batch_size)
   results = {}
   for _ in range(repeats):
     for key, rate in (
-        ("pretrain", lambda: _rate(ip.pretrain_batches(config), batches)),
+        ("pretrain", lambda: _rate(lambda: ip.pretrain_batches(config), batches)),
         ("pretrain_decode", lambda: _decode_rate(pretrain_frames)),
         ("eval", lambda: _rate(
-            ip.eval_batches(config, split=eval_split, num_clips=NUM_CLIPS),
+            lambda: ip.eval_batches(config, split=eval_split, num_clips=NUM_CLIPS),
             num_eval, count=lambda b: int(b["mask"].sum()))),
         ("eval_decode", lambda: _decode_rate(eval_frames))):
       wall, cpu = rate()
@@ -188,7 +187,7 @@ def tf_data_rate(dataset: str, tf_data_dir: str, *, split: str,
                           shuffle_files=True)
   ds = (ds.repeat().shuffle(64).map(sample, num_parallel_calls=tf.data.AUTOTUNE)
         .batch(batch_size).prefetch(2))
-  return _rate(iter(ds.as_numpy_iterator()), batches)
+  return _rate(lambda: iter(ds.as_numpy_iterator()), batches)
 
 
 def _fake_data(num_videos: int, root: str) -> str:

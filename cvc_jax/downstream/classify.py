@@ -98,10 +98,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     The results dict also written to workdir/results.json.
   """
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
-  from cvc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cvc_jax import datasets, input_pipeline  # pylint: disable=g-import-not-at-top
 
   linear = config.mode == "linear"
-  builder = input_pipeline.ensure_built(config)
+  builder = datasets.ensure_built(config)
   label = builder.info.features["label"]
   encoder, enc_vars, described = evaluate.load_encoder(config)
   logging.info("%s from %s.", config.mode, described)
@@ -111,7 +111,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   replicated, batch_sharding = parallel.shardings(mesh)
   with config.unlocked():
     config.input.split = config.eval.train_split
-  steps_per_epoch = input_pipeline.steps_per_epoch(config)
+  steps_per_epoch = datasets.steps_per_epoch(config)
   total_steps = config.num_epochs * steps_per_epoch
   t, s = config.input.num_frames, config.input.crop_size
   fc_vars = models.jit_init(functools.partial(model.init, train=False, train_encoder=False))(

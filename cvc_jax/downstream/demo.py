@@ -40,8 +40,8 @@ def compare(config, workdir: str) -> str:
     The Markdown table, also written to `workdir/demo_results.md` with the
     numbers in `workdir/results.json`.
   """
-  from cvc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  builder = input_pipeline.ensure_built(config)
+  from cvc_jax import datasets  # pylint: disable=g-import-not-at-top
+  builder = datasets.ensure_built(config)
   results, rows = {}, []
   with config.unlocked():
     config.init_from = workdir

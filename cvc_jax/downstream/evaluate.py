@@ -74,7 +74,7 @@ def clip_averaged(config, per_clip: Callable, variables, *, split: str,
   Returns:
     (outputs [V, X] in video order, labels int [V]).
   """
-  from cvc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cvc_jax import datasets, input_pipeline  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
   mesh = parallel.data_mesh(config.batch_size)
   replicated, batch_sharding = parallel.shardings(mesh)
@@ -106,7 +106,7 @@ def clip_averaged(config, per_clip: Callable, variables, *, split: str,
     for key, value in batch.items():
       rows[key].append(np.asarray(multihost_utils.process_allgather(value, tiled=True)))
   stacked = {k: np.concatenate(v) for k, v in rows.items()}
-  num = input_pipeline.num_videos(config, split)
+  num = datasets.num_videos(config, split)
   return metrics.gather_by_video(stacked["video_index"], stacked["mask"], stacked["out"],
                                  stacked["label"].astype(np.int64), num_videos=num)
 
@@ -126,9 +126,9 @@ def features(config, module, variables, *, split: str, label_keys=("label",)):
                                 label_key=label_keys[0])
   out = {label_keys[0]: labels}
   if len(label_keys) > 1:  # the other labels straight from the records
-    from cvc_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    from cvc_jax import datasets  # pylint: disable=g-import-not-at-top
     for key in label_keys[1:]:
-      source = input_pipeline.data_source(config, split, label_key=key)
+      source = datasets.data_source(config, split, label_key=key)
       out[key] = np.asarray([source[i]["label"] for i in range(len(source))], np.int64)
   return feats, out
 
