@@ -458,3 +458,8 @@ def test_pipeline_benchmark_times_the_frames_the_pipeline_decodes(data_dir):
   assert rates.keys() == {f"{k}{cpu}" for k in ("pretrain", "pretrain_decode", "eval",
                                                 "eval_decode") for cpu in ("", "_cpu")}
   assert all(rate > 0 for rate in rates.values()), rates
+  costs = bench.per_video_costs("synthetic_motion/tiny", str(data_dir), split="train",
+                                eval_split="test", videos=2, repeats=1)
+  assert {k: sorted(v) for k, v in costs.items()} == {
+      k: ["decode_frames_ms", "decode_ms", "read_parse_ms"] for k in ("pretrain", "eval")}
+  assert all(ms > 0 for v in costs.values() for ms in v.values()), costs

@@ -153,6 +153,42 @@ def measure(dataset: str, data_dir: str, *, split: str, eval_split: str,
   return results
 
 
+def per_video_costs(dataset: str, data_dir: str, *, split: str, eval_split: str,
+                    videos: int = 32, repeats: int = 3) -> dict[str, dict[str, float]]:
+  """Milliseconds per video in one thread, for pretraining (`split`, step 0's
+  sampling) and evaluation (`eval_split`), over its first `videos` videos:
+  reading and parsing the record, decoding its distinct sampled frames bare,
+  and `decode_frames` of the same (decoding plus writing every sampled frame
+  into the canvas). Each the best of `repeats` (reading varied 4x between
+  passes here)."""
+  best = lambda fn: min(_timed(fn)[1] for _ in range(repeats))
+  config = _config(dataset, data_dir, 1)
+  raw = sampling.raw_size(config)
+  t, out = config.input.num_frames, {}
+  for kind, name in (("pretrain", split), ("eval", eval_split)):
+    source = datasets.data_source(config, name)
+    n = min(videos, len(source))
+    read = best(lambda: [source[i] for i in range(n)])
+    examples = [source[i] for i in range(n)]
+    if kind == "pretrain":
+      indices = [sampling.sample_indices(len(e["video"]), sampling.video_rng(config.seed, 0, i),
+                                         num_out=2 * t, max_rate=config.input.max_rate)
+                 for i, e in enumerate(examples)]
+    else:
+      indices = [sampling.eval_clip_indices(len(e["video"]), num_clips=NUM_CLIPS,
+                                            clip_length=t) for e in examples]
+    def bare():
+      for e, i in zip(examples, indices):
+        for k in np.unique(i):
+          ip._decode_jpeg(e["video"][k])  # pylint: disable=protected-access
+    def canvas():
+      for e, i in zip(examples, indices):
+        ip.decode_frames(e["video"], i, raw)
+    out[kind] = {"read_parse_ms": 1e3 * read / n, "decode_ms": 1e3 * best(bare) / n,
+                 "decode_frames_ms": 1e3 * best(canvas) / n}
+  return out
+
+
 def tf_data_rate(dataset: str, tf_data_dir: str, *, split: str,
                  batch_size: int, batches: int) -> float:
   """Pretraining samples/s of the same sampling and decoding in tf.data."""
@@ -242,6 +278,14 @@ def main(argv):
     cpu, raw_cpu = values[key + "_cpu"], values[key + "_decode_cpu"]
     print(f"{name:28}{wall:10.1f}{raw:12.1f}{wall / raw:7.0%}  | "
           f"{'':15}{cpu:10.1f}{raw_cpu:12.1f}{cpu / raw_cpu:7.0%}")
+  costs = per_video_costs(dataset, data_dir, split=FLAGS.split,
+                          eval_split=FLAGS.eval_split)
+  print(f"\n{'ms per video, one thread:':28}{'read+parse':>12}{'decode':>10}"
+        f"{'decode_frames':>15}{'ratio':>7}")
+  for name, kind in (("pretraining", "pretrain"), ("evaluation", "eval")):
+    c = costs[kind]
+    print(f"{name:28}{c['read_parse_ms']:12.2f}{c['decode_ms']:10.2f}"
+          f"{c['decode_frames_ms']:15.2f}{c['decode_frames_ms'] / c['decode_ms']:7.2f}")
 
 
 if __name__ == "__main__":
