@@ -38,6 +38,9 @@ def base() -> ml_collections.ConfigDict:
   c.input.crop_aspect = (3 / 4, 4 / 3)  # and aspect-ratio range
   c.input.flip_prob = 0.5
   c.input.gray_prob = 0.5
+  # "luma" (ITU-R 601, SPEC 1) or "channel": one random RGB channel per frame, what
+  # the authors' code calls grayscale (a static view's T copies then differ).
+  c.input.gray = "luma"
   c.input.jitter = (0.5, 0.5, 0.5, 0.25)  # brightness, contrast, saturation, hue
   c.input.jitter_prob = 1.0
   c.input.blur = True  # Gaussian blur (supplementary); the reference has none

@@ -141,13 +141,16 @@ def _video_views(frames, size, key, *, config):
   # One key per augmented clip (v1 v2 s1 s2) and one for the static index.
   clip_keys = jnp.stack([jax.random.fold_in(key, i) for i in range(4)])
   j = jax.random.randint(jax.random.fold_in(key, 4), (), 0, t)
-  augment = jax.vmap(functools.partial(_augment_clip, size=size, config=config))
+  augment = lambda *args, repeat=1: jax.vmap(functools.partial(
+      _augment_clip, size=size, config=config, repeat=repeat))(*args)
 
   clips = frames.reshape((2, t) + frames.shape[1:])
   v = augment(clips, clip_keys[:2])
 
   # The reference augments the T copies of frame j with consistent parameters, so
   # they stay identical: augmenting the one frame and repeating it is the same.
+  # Not with gray='channel', which picks a channel per frame: there the copies
+  # are cut once and repeated before the colour steps.
   stills = jnp.stack([frames[j], frames[t + j]])[:, None]
   static_crop = config.input.static_crop
   if static_crop not in ("own", "clip"):
@@ -156,7 +159,9 @@ def _video_views(frames, size, key, *, config):
                      "of the RGB clip the frame comes from).")
   # 'clip': s_i's crop and flip are drawn from v_i's key, so they are v_i's.
   geometry_keys = (clip_keys[:2],) if static_crop == "clip" else ()
-  s = jnp.broadcast_to(augment(stills, clip_keys[2:], *geometry_keys), v.shape)
+  repeat = t if config.input.get("gray", "luma") == "channel" else 1
+  s = jnp.broadcast_to(augment(stills, clip_keys[2:], *geometry_keys, repeat=repeat),
+                       v.shape)
 
   if config.input.diff_wrap:
     d = v - jnp.roll(v, 1, axis=1)  # the reference's: frame 0 minus frame T-1
@@ -174,11 +179,12 @@ _ORDER = slice(14, 18)  # argsort of four uniforms: the jitter op order
 _NUM_DRAWS = 18
 
 
-def _augment_clip(clip, key, geometry_key=None, *, size, config):
+def _augment_clip(clip, key, geometry_key=None, *, size, config, repeat=1):
   """Augments one clip [T, H, W, 3] uint8 with one draw of parameters.
 
   The crop and flip are drawn from `geometry_key` (default `key`): two clips
-  given the same one are cut and flipped alike.
+  given the same one are cut and flipped alike. `repeat` > 1 repeats each cut
+  frame that many times before the colour steps (a still shown for T frames).
   """
   inp = config.input
   s = inp.crop_size
@@ -190,10 +196,13 @@ def _augment_clip(clip, key, geometry_key=None, *, size, config):
   # 1) Random resized crop and flip, as one bilinear resample from the canvas.
   box = _random_box(u, size, inp.crop_area, inp.crop_aspect)
   x = _crop_resize(clip, box, size, s, flip=u[_FLIP] < inp.flip_prob) / 255.0
+  if repeat > 1:
+    x = jnp.repeat(x, repeat, axis=0)
 
-  # 2) Grayscale before the jitter, as in the authors' pipeline.
+  # 2) Grayscale before the jitter, as in the authors' pipeline: for the whole
+  #    clip or not at all.
   gray = u[_GRAY] < inp.gray_prob
-  x = jnp.where(gray, pix.rgb_to_grayscale(x, keep_dims=True), x)
+  x = jnp.where(gray, _grayscale(x, jax.random.fold_in(key, 1), inp.get("gray", "luma")), x)
 
   # 3) Colour jitter.
   if inp.jitter_prob > 0 and any(inp.jitter):
@@ -207,6 +216,22 @@ def _augment_clip(clip, key, geometry_key=None, *, size, config):
     x = jnp.where(u[_BLUR] < inp.blur_prob, blurred, x)
 
   return normalize(x, config)
+
+
+def _grayscale(x, key, kind):
+  """x [T, S, S, 3] in grey, three equal channels.
+
+  'luma': ITU-R 601 luma, torchvision's Grayscale (SPEC 1). 'channel': one of
+  R, G, B drawn for each frame, as the authors' code does (its RandomGray is a
+  "channel splitting"; a static view's copies of its frame then differ).
+  """
+  if kind == "luma":
+    return pix.rgb_to_grayscale(x, keep_dims=True)
+  if kind == "channel":
+    channel = jax.random.randint(key, (x.shape[0], 1, 1, 1), 0, 3)
+    return jnp.repeat(jnp.take_along_axis(x, channel, axis=-1), 3, axis=-1)
+  raise ValueError(f"config.input.gray={kind!r}: use 'luma' (ITU-R 601, SPEC 1) or "
+                   "'channel' (one random RGB channel per frame, the authors' code).")
 
 
 def _between(u, low, high):

@@ -259,6 +259,25 @@ def test_grayscale_then_jitter_stays_grey():
                              atol=1e-3)
 
 
+def test_channel_grayscale_takes_one_rgb_channel_per_frame():
+  # The authors' grayscale: frames of constant R, G, B come out as one of the
+  # three values, in all channels, drawn frame by frame (static views too: their
+  # copies of the one frame differ, as in the authors' code).
+  rgb = np.array([30, 120, 210], np.uint8)
+  frames = np.broadcast_to(rgb, (B, 2 * T, H, W, 3)).copy()
+  gray = GEOMETRY_ONLY[1:] + (("gray_prob", 1.0), ("gray", "channel"))
+  out = np.round(_denormalize(_pretrain(frames, gray)[:, :4]))  # v1 v2 s1 s2
+  assert np.ptp(out, axis=(-3, -2, -1)).max() == 0  # each frame one grey level
+  levels = out[..., 0, 0, 0]  # [B, 4, T]
+  assert set(np.unique(levels)) == set(rgb.tolist())
+  assert all(len(np.unique(clip)) > 1 for clip in levels.reshape(-1, T)[:4])
+  # Not grayed (p = 0): the colours are kept.
+  kept = np.round(_denormalize(_pretrain(frames, GEOMETRY_ONLY + (("gray", "channel"),))))
+  np.testing.assert_array_equal(kept[:, :4], np.broadcast_to(rgb, kept[:, :4].shape))
+  with pytest.raises(ValueError, match=r"config.input.gray='lumma': use 'luma'"):
+    _pretrain(frames, (("gray", "lumma"),))
+
+
 def test_brightness_is_one_factor_per_clip():
   # torchvision brightness multiplies by b ~ U[0.5, 1.5]; dark frames never clip.
   overrides = GEOMETRY_ONLY + WHOLE_REGION + (
