@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from cvc_jax import sampling
 from cvc_jax import views
 
 FLAGS = flags.FLAGS
@@ -39,7 +40,7 @@ def _define_flags():
 
 def time_views(config, batch: int, reps: int) -> list[float]:
   """Seconds of each of `reps` jitted `pretrain_views` calls, after compiling."""
-  t, (h, w) = config.input.num_frames, config.input.raw_size
+  t, (h, w) = config.input.num_frames, sampling.raw_size(config)
   frames = np.random.default_rng(0).integers(0, 256, (batch, 2 * t, h, w, 3), np.uint8)
   build = jax.jit(lambda f, key: views.pretrain_views(f, key, config))
   jax.block_until_ready(build(frames, jax.random.key(0)))

@@ -36,6 +36,7 @@ import cvc_jax
 from cvc_jax import models
 from cvc_jax import parallel
 from cvc_jax import pretrain
+from cvc_jax import sampling
 from cvc_jax import views as views_lib
 from cvc_jax.models import convolutions
 from cvc_jax.models import resnet3d
@@ -384,7 +385,7 @@ class TrainStep:
     mesh = parallel.data_mesh(config.batch_size, self.devices)
     replicated, batch_sharding = parallel.shardings(mesh)
     b, t = config.batch_size, config.input.num_frames
-    (h, w), s = config.input.raw_size, config.input.crop_size
+    (h, w), s = sampling.raw_size(config), config.input.crop_size
     # Epoch = step: from `steady_epoch` on every term and the queue are on.
     steps_per_epoch = 1
     steady_epoch = max(config.loss.loc_start_epoch, config.loss.queue_start_epoch,

@@ -102,5 +102,6 @@ def _parse_flags(argv):
              "config file, e.g. --config.batch_size=8; a config's keys are in "
              "configs/common.py.)")
 
+
 if __name__ == "__main__":
   app.run(main, flags_parser=_parse_flags)

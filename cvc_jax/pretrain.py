@@ -305,7 +305,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   # Imported here so that the model, losses and train step import without
   # TensorFlow (clu's writers and the input pipeline bring it in).
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
-  from cvc_jax import datasets, input_pipeline, views as views_lib  # pylint: disable=g-import-not-at-top
+  from cvc_jax import datasets, input_pipeline  # pylint: disable=g-import-not-at-top
+  from cvc_jax import views as views_lib  # pylint: disable=g-import-not-at-top
 
   os.makedirs(workdir, exist_ok=True)
   datasets.ensure_built(config)
@@ -399,6 +400,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       if pending is not None:
         _check_finite(*pending, manager)
     finally:
+      # The last save lands before SIGTERM's handler is given back: a second
+      # signal in between must not kill it.
+      manager.wait_until_finished()
       writer.flush()
       preemption.restore()
   return state

@@ -141,8 +141,10 @@ def _video_views(frames, size, key, *, config):
   # One key per augmented clip (v1 v2 s1 s2) and one for the static index.
   clip_keys = jnp.stack([jax.random.fold_in(key, i) for i in range(4)])
   j = jax.random.randint(jax.random.fold_in(key, 4), (), 0, t)
-  augment = lambda *args, repeat=1: jax.vmap(functools.partial(
-      _augment_clip, size=size, config=config, repeat=repeat))(*args)
+
+  def augment(*args, repeat=1):  # over the clips
+    return jax.vmap(functools.partial(_augment_clip, size=size, config=config,
+                                      repeat=repeat))(*args)
 
   clips = frames.reshape((2, t) + frames.shape[1:])
   v = augment(clips, clip_keys[:2])

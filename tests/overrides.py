@@ -15,14 +15,16 @@ def tiny_pretraining(data_dir: str, steps: int) -> dict[str, Any]:
 
 
 def apply(config, overrides: Mapping[str, Any]):
-  """`config` with each dotted KEY of `overrides` set; returns it."""
-  with config.unlocked():
-    for key, value in overrides.items():
-      *path, leaf = key.split(".")
-      target = config
-      for name in path:
-        target = target[name]
-      target[leaf] = value
+  """`config` with each dotted KEY of `overrides` set; returns it. A KEY the
+  config lacks is refused, as `cvc_jax.main` refuses its flag."""
+  for key, value in overrides.items():
+    *path, leaf = key.split(".")
+    target = config
+    for name in path:
+      target = target[name]
+    if leaf not in target:
+      raise KeyError(f"{key}: no such config key")
+    target[leaf] = value
   return config
 
 

@@ -254,7 +254,8 @@ def test_a_cut_archive_keeps_what_was_read_and_skips_the_rest(tmp_path, caplog):
   assert [os.path.basename(job.name) for job in got] == ["v0.mp4", "v1.mp4", "v2.mp4",
                                                         "v3.mp4"]
   assert "is truncated or corrupt after 2 wanted files" in caplog.text
-  assert "download it again" in caplog.text and "2 videos not read yet" in caplog.text
+  assert "download it again" in caplog.text
+  assert "Skipped: 0 corrupt videos, 2 not read (missing)" in caplog.text
   # A zip with one corrupt member: only that one is lost.
   caplog.clear()
   zip_path = tmp_path / "videos.zip"
@@ -269,9 +270,11 @@ def test_a_cut_archive_keeps_what_was_read_and_skips_the_rest(tmp_path, caplog):
   assert [os.path.basename(job.name) for job in got] == ["v0.mp4", "v2.mp4", "v3.mp4",
                                                         "v1.mp4"]
   assert [job.source for job in got[:3]] == [videos[0], videos[2], videos[3]]
-  assert got[3].source == os.path.join(str(zip_path), "v1.mp4")
-  assert "has 1 corrupt wanted members: rgb/v1.mp4 (BadZipFile" in caplog.text
-  assert "1 videos not read yet are skipped as missing" in caplog.text
+  assert "1 of the wanted members are corrupt (rgb/v1.mp4 (BadZipFile" in caplog.text
+  assert "Skipped: 1 corrupt videos, 0 not read (missing)" in caplog.text
+  # Skipped with its own reason, which the manifest lists.
+  _, example, reason = video_io.encode_job(got[3], None)
+  assert example is None and reason.startswith("corrupt in the archive: BadZipFile")
   # Not an archive at all: named, with what to do.
   (tmp_path / "junk.tar.gz").write_bytes(b"not an archive")
   with pytest.raises(video_io.ArchiveError, match="junk.tar.gz is truncated or corrupt"):

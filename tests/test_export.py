@@ -26,6 +26,7 @@ from tests.torch_reference.video_resnet import TorchHaraResNet, TorchVideoResNet
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What a fresh process that restores an export must not have imported.
 TRAINER_MODULES = ("cvc_jax.pretrain", "cvc_jax.main", "cvc_jax.input_pipeline",
+                   "cvc_jax.datasets",
                    "cvc_jax.downstream", "cvc_jax.export", "cvc_jax.views",
                    "cvc_jax.losses", "tensorflow", "tensorflow_datasets", "clu", "grain")
 

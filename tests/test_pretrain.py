@@ -195,13 +195,15 @@ def test_the_concept_space_follows_the_encoder_unless_set():
   for backbone, d in (("r2plus1d18", 512), ("r3d34", 512), ("r3d50", 2048)):
     assert cvc.build_model(ucf101.get_config(f"backbone={backbone}")).sigma_dim == d
   assert cvc.build_model(ucf101.get_config("runlocal")).sigma_dim == 8 * 8
-  config = ucf101.get_config("sigma=mlp,runlocal")
-  config.model.sigma_dim = 24
   x = jnp.zeros((2, 6, 4, 32, 32, 3))
-  variables = jax.eval_shape(functools.partial(cvc.build_model(config).init, train=False),
-                             jax.random.key(0), x)
-  assert variables["params"]["fv_0"]["kernel"].shape == (64, 24)  # sigma: D -> 24
-  assert variables["params"]["prototype"]["kernel"].shape == (24, 2 * 8)
+  for sigma in ("linear", "mlp"):
+    config = ucf101.get_config(f"sigma={sigma},runlocal")
+    config.model.sigma_dim = 24
+    variables = jax.eval_shape(
+        functools.partial(cvc.build_model(config).init, train=False), jax.random.key(0), x)
+    first = variables["params"]["fv" if sigma == "linear" else "fv_0"]  # D -> 24
+    assert first["kernel"].shape == (64, 24), sigma
+    assert variables["params"]["prototype"]["kernel"].shape == (24, 2 * 8), sigma
   config = ucf101.get_config("runlocal")
   config.model.sigma_dim = 24
   with pytest.raises(ValueError, match=r"sigma='identity' needs model.sigma_dim == "

@@ -111,8 +111,7 @@ def test_main_runs_and_resumes_bitwise_after_sigkill(tmp_path, data_dir):
   #    naming a parameter, and leaves config.json (the checkpoints' config) as it was.
   with open(os.path.join(full, "config.json")) as f:
     before = f.read()
-  proc = _main(full, data_dir, "--config.model.encoder.width=16",
-               "--config.model.sigma_dim=128")
+  proc = _main(full, data_dir, "--config.model.encoder.width=16")
   out = proc.communicate(timeout=300)[0]
   assert proc.returncode != 0
   assert "does not fit this run's config: " in out, out[-3000:]

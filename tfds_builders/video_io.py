@@ -47,10 +47,13 @@ class Job:
     source: a path, or the file's bytes when it was read out of an archive.
     example: the example's other features (label, video_id, ...), passed
       through to the result unchanged.
+    skip_reason: set when the video is known to be unreadable before decoding
+      (a corrupt archive member): it is skipped with this reason.
   """
   name: str
   source: str | bytes
   example: dict[str, Any]
+  skip_reason: str | None = None
 
 
 def output_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
@@ -109,6 +112,8 @@ def encode_video(source: str | bytes, short_side: int | None,
 def encode_job(job: Job, short_side: int | None
                ) -> tuple[Job, dict[str, Any] | None, str | None]:
   """(job, example, None) for a good video; (job, None, reason) for a bad one."""
+  if job.skip_reason:
+    return job, None, job.skip_reason
   try:
     frames, fps = encode_video(job.source, short_side)
   except VideoError as e:
@@ -265,7 +270,16 @@ def missing_error(root: str, what: str, archive: str, how: str) -> FileNotFoundE
 
 
 class ArchiveError(ValueError):
-  """An archive that cannot be read (to its end); the message says what to do."""
+  """An archive that cannot be read (to its end); the message says what to do.
+
+  Attributes:
+    corrupt: {member name: why} of members that could not be read, where the
+      rest of the archive could (a zip's).
+  """
+
+  def __init__(self, message: str, corrupt: dict[str, str] | None = None):
+    super().__init__(message)
+    self.corrupt = corrupt or {}
 
 
 def archive_members(path: str, want: Callable[[str], bool]
@@ -281,19 +295,20 @@ def archive_members(path: str, want: Callable[[str], bool]
       read independently, so one bad member costs only itself).
   """
   if zipfile.is_zipfile(path):
-    corrupt = []
+    corrupt = {}
     with zipfile.ZipFile(path) as archive:
       for info in archive.infolist():
         if not info.is_dir() and want(info.filename):
           try:
             data = archive.read(info)
           except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-            corrupt.append(f"{info.filename} ({type(e).__name__}: {e})")
+            corrupt[info.filename] = f"{type(e).__name__}: {e}"
             continue
           yield info.filename, data
     if corrupt:
-      raise ArchiveError(f"{path} has {len(corrupt)} corrupt wanted members: "
-                         f"{'; '.join(corrupt)}; download it again.")
+      listed = "; ".join(f"{name} ({why})" for name, why in corrupt.items())
+      raise ArchiveError(f"{path}: {len(corrupt)} of the wanted members are corrupt "
+                         f"({listed}); download it again.", corrupt)
     return
   count = 0
   try:
@@ -333,13 +348,18 @@ class ArchiveJobs:
           seen.add(base)
           yield dataclasses.replace(self.jobs[base], source=data)
     except ArchiveError as e:
-      # What was read is kept; the rest is skipped as missing, counted in the
-      # manifest, as a bad video would be.
-      logging.warning("%s The %d videos not read yet are skipped as missing.", e,
-                      len(self.jobs) - len(seen))
+      # What was read is kept; the rest is skipped, counted in the manifest as
+      # a bad video would be: corrupt members as corrupt, the others as missing.
+      corrupt = {os.path.basename(name): why for name, why in e.corrupt.items()}
+      logging.warning("%s Skipped: %d corrupt videos, %d not read (missing).", e,
+                      len(corrupt), len(self.jobs) - len(seen) - len(corrupt))
+    else:
+      corrupt = {}
     for base, job in self.jobs.items():
       if base not in seen:
-        yield dataclasses.replace(job, source=os.path.join(self.archive, base))
+        yield dataclasses.replace(
+            job, source=os.path.join(self.archive, base),
+            skip_reason=f"corrupt in the archive: {corrupt[base]}" if base in corrupt else None)
 
 
 def read_text(root: str, name: str, archives: Iterable[str] = ()) -> str:

@@ -12,7 +12,11 @@ parsing, sampling and batching cost on top. Each rate is given per wall-clock
 second (divided by the cores) and per CPU-second this process used: on a
 machine shared with other jobs only the second is stable. (With
 `input.num_workers` the work leaves this process; the benchmark times the
-default, threads.)
+default, threads.) Pretraining is timed in the stream's steady state, past
+its prefetching; evaluation over one whole pass of its split. Then, per video
+and in one thread, what the pipeline does beside decoding: reading and parsing
+the record, and writing the sampled frames into the canvas (`decode_frames`
+against bare decoding).
 
 `--fake_videos=N` first writes N UCF-101-like videos (320 x 240 XviD .avi,
 25 fps, about 7 s: the real data set's averages) in the `video_folder` layout
@@ -43,8 +47,8 @@ flags.DEFINE_string("data_dir", "", "TFDS data dir (default: TFDS's).")
 flags.DEFINE_string("split", "train", "Pretraining split.")
 flags.DEFINE_string("eval_split", "test", "Evaluation split.")
 flags.DEFINE_integer("batch_size", 16, "Videos per batch (this host).")
-flags.DEFINE_integer("batches", 8, "Batches timed per measurement (evaluation: "
-                     "at most a pass over its split).")
+flags.DEFINE_integer("batches", 8, "Pretraining batches timed per measurement "
+                     "(evaluation times one pass over its split).")
 flags.DEFINE_integer("repeats", 3, "Times each measurement is repeated (the "
                      "best is kept).")
 flags.DEFINE_integer("fake_videos", 0, "Write and build this many fake "
@@ -71,51 +75,62 @@ def _timed(fn) -> tuple[int, float, float]:
   return samples, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _rate(make_iterator, batches: int, count=lambda b: len(b["frames"])):
-  """(samples/s, samples per CPU second) of a new stream's first `batches`
-  batches, timed from its creation: the batches it prepares ahead (prefetch)
-  are done inside the timing, not before it starts."""
-  def run():
-    iterator = make_iterator()
-    return sum(count(next(iterator)) for _ in range(batches))
-  samples, wall, cpu = _timed(run)
+def _steady_rate(iterator, batches: int, warmup: int):
+  """(samples/s, samples per CPU second) of an endless stream's `batches`
+  batches after `warmup`: with warmup > its prefetch depth the stream is in its
+  steady state, where the batches it prepares ahead are as far along when the
+  timing starts as when it ends (timed right after one batch, those it had
+  prefetched meanwhile made short streams look faster than decoding itself)."""
+  for _ in range(warmup):
+    next(iterator)
+  samples, wall, cpu = _timed(
+      lambda: sum(len(next(iterator)["frames"]) for _ in range(batches)))
+  if hasattr(iterator, "close"):  # grain's: no prefetching into what comes next
+    iterator.close()
   return samples / wall, samples / cpu
 
 
-def _decode_rate(samples: list[list[bytes]]):
-  """(samples/s, samples per CPU second) decoding the samples' frames, one
-  thread per core, with the pipeline's decoder."""
-  def decode(frames):
-    for data in frames:
-      ip._decode_jpeg(data)  # pylint: disable=protected-access
+def _pass_rate(make_iterator):
+  """(videos/s, videos per CPU second) of one whole evaluation pass, from the
+  stream's creation to its end: none of its work falls outside the timing."""
+  samples, wall, cpu = _timed(lambda: sum(int(b["mask"].sum()) for b in make_iterator()))
+  return samples / wall, samples / cpu
+
+
+def _decode_rate(samples: list[tuple[list[bytes], np.ndarray]]):
+  """(samples/s, samples per CPU second) decoding the samples' distinct
+  frames, one thread per core, with the pipeline's decoder."""
+  def decode(sample):
+    encoded, indices = sample
+    for i in np.unique(indices):
+      ip._decode_jpeg(encoded[i])  # pylint: disable=protected-access
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
     list(pool.map(decode, samples[:os.cpu_count()]))  # Warm up the threads.
     n, wall, cpu = _timed(lambda: len(list(pool.map(decode, samples))))
   return n / wall, n / cpu
 
 
-def _pretrain_frames(config, source, steps: int) -> list[list[bytes]]:
-  """The JPEG bytes pretrain_batches decodes in its first `steps` steps
-  (distinct ones)."""
+def _pretrain_samples(config, source, steps: range) -> list[tuple[list[bytes], np.ndarray]]:
+  """(a video's JPEG frames, the indices pretrain_batches decodes) of every
+  video of the global batches of `steps`."""
   out = []
-  for step in range(steps):
+  for step in steps:
     for video in sampling.step_videos(config.seed, step, split_size=len(source),
                                       batch_size=config.batch_size):
       encoded = source[int(video)]["video"]
-      indices = sampling.sample_indices(
+      out.append((encoded, sampling.sample_indices(
           len(encoded), sampling.video_rng(config.seed, step, int(video)),
-          num_out=2 * config.input.num_frames, max_rate=config.input.max_rate)
-      out.append([encoded[i] for i in np.unique(indices)])
+          num_out=2 * config.input.num_frames, max_rate=config.input.max_rate)))
   return out
 
 
-def _eval_frames(config, source, count: int) -> list[list[bytes]]:
+def _eval_samples(config, source, count: int) -> list[tuple[list[bytes], np.ndarray]]:
+  """(JPEG frames, the ten clips' indices) of the first `count` videos."""
   out = []
   for video in range(min(count, len(source))):
     encoded = source[video]["video"]
-    indices = sampling.eval_clip_indices(len(encoded), num_clips=NUM_CLIPS,
-                                         clip_length=config.input.num_frames)
-    out.append([encoded[i] for i in np.unique(indices)])
+    out.append((encoded, sampling.eval_clip_indices(
+        len(encoded), num_clips=NUM_CLIPS, clip_length=config.input.num_frames)))
   return out
 
 
@@ -123,69 +138,69 @@ def measure(dataset: str, data_dir: str, *, split: str, eval_split: str,
             batch_size: int, batches: int, repeats: int) -> dict[str, float]:
   """Samples/s of the pipeline and of raw decoding, pretraining and evaluation.
 
-  Each is timed `repeats` times, alternating, and the best time kept: on a
-  shared machine the fastest run is the one least disturbed by others.
+  Pretraining: `batches` batches in the stream's steady state; evaluation: one
+  whole pass over `eval_split`. Each is timed `repeats` times, alternating, and
+  the best time kept: on a shared machine the fastest run is the one least
+  disturbed by others.
   """
   config = _config(dataset, data_dir, batch_size)
   config.input.split = split
   datasets.steps_per_epoch(config)  # Fails early if the split is too small.
   source = datasets.data_source(config, split)
   eval_source = datasets.data_source(config, eval_split)
-  num_eval = min(batches, ip.num_eval_batches(config, eval_split))
-  pretrain_frames = _pretrain_frames(config, source, batches)
-  eval_frames = _eval_frames(config, eval_source, num_eval * batch_size)
+  warmup = config.input.prefetch + 1
+  pretrain = _pretrain_samples(config, source, range(warmup, warmup + batches))
+  evaluation = _eval_samples(config, eval_source, len(eval_source))
   results = {}
   for _ in range(repeats):
     for key, rate in (
-        ("pretrain", lambda: _rate(lambda: ip.pretrain_batches(config), batches)),
-        ("pretrain_decode", lambda: _decode_rate(pretrain_frames)),
-        ("eval", lambda: _rate(
-            lambda: ip.eval_batches(config, split=eval_split, num_clips=NUM_CLIPS),
-            num_eval, count=lambda b: int(b["mask"].sum()))),
-        ("eval_decode", lambda: _decode_rate(eval_frames))):
+        ("pretrain", lambda: _steady_rate(ip.pretrain_batches(config), batches, warmup)),
+        ("pretrain_decode", lambda: _decode_rate(pretrain)),
+        ("eval", lambda: _pass_rate(
+            lambda: ip.eval_batches(config, split=eval_split, num_clips=NUM_CLIPS))),
+        ("eval_decode", lambda: _decode_rate(evaluation))):
       wall, cpu = rate()
       results[key] = max(results.get(key, 0.0), wall)
       results[key + "_cpu"] = max(results.get(key + "_cpu", 0.0), cpu)
   sizes = [len(b) for b in source[0]["video"]]
   logging.info("Pretraining decodes %.1f distinct frames per sample; frames "
                "of the first video average %.1f KB.",
-               np.mean([len(f) for f in pretrain_frames]), np.mean(sizes) / 1e3)
+               np.mean([len(np.unique(i)) for _, i in pretrain]), np.mean(sizes) / 1e3)
   return results
 
 
 def per_video_costs(dataset: str, data_dir: str, *, split: str, eval_split: str,
                     videos: int = 32, repeats: int = 3) -> dict[str, dict[str, float]]:
   """Milliseconds per video in one thread, for pretraining (`split`, step 0's
-  sampling) and evaluation (`eval_split`), over its first `videos` videos:
-  reading and parsing the record, decoding its distinct sampled frames bare,
-  and `decode_frames` of the same (decoding plus writing every sampled frame
-  into the canvas). Each the best of `repeats` (reading varied 4x between
-  passes here)."""
-  best = lambda fn: min(_timed(fn)[1] for _ in range(repeats))
-  config = _config(dataset, data_dir, 1)
+  sampling) and evaluation (`eval_split`), over `videos` videos: reading and
+  parsing the record, decoding its distinct sampled frames bare, and
+  `decode_frames` of the same (decoding plus writing every sampled frame into
+  the canvas). Each the best of `repeats` (reading varied 4x between passes
+  here)."""
+  config = _config(dataset, data_dir, videos)
   raw = sampling.raw_size(config)
-  t, out = config.input.num_frames, {}
+  out = {}
   for kind, name in (("pretrain", split), ("eval", eval_split)):
     source = datasets.data_source(config, name)
-    n = min(videos, len(source))
-    read = best(lambda: [source[i] for i in range(n)])
-    examples = [source[i] for i in range(n)]
-    if kind == "pretrain":
-      indices = [sampling.sample_indices(len(e["video"]), sampling.video_rng(config.seed, 0, i),
-                                         num_out=2 * t, max_rate=config.input.max_rate)
-                 for i, e in enumerate(examples)]
-    else:
-      indices = [sampling.eval_clip_indices(len(e["video"]), num_clips=NUM_CLIPS,
-                                            clip_length=t) for e in examples]
+    config.batch_size = min(videos, len(source))  # step 0's videos, for pretraining
+    samples = (_pretrain_samples(config, source, range(1)) if kind == "pretrain" else
+               _eval_samples(config, source, videos))
+    n = len(samples)
+
+    def best(fn):
+      return 1e3 * min(_timed(fn)[1] for _ in range(repeats)) / n
+
     def bare():
-      for e, i in zip(examples, indices):
-        for k in np.unique(i):
-          ip._decode_jpeg(e["video"][k])  # pylint: disable=protected-access
+      for encoded, indices in samples:
+        for i in np.unique(indices):
+          ip._decode_jpeg(encoded[i])  # pylint: disable=protected-access
+
     def canvas():
-      for e, i in zip(examples, indices):
-        ip.decode_frames(e["video"], i, raw)
-    out[kind] = {"read_parse_ms": 1e3 * read / n, "decode_ms": 1e3 * best(bare) / n,
-                 "decode_frames_ms": 1e3 * best(canvas) / n}
+      for encoded, indices in samples:
+        ip.decode_frames(encoded, indices, raw)
+
+    out[kind] = {"read_parse_ms": best(lambda: [source[i] for i in range(n)]),
+                 "decode_ms": best(bare), "decode_frames_ms": best(canvas)}
   return out
 
 
@@ -200,7 +215,7 @@ def tf_data_rate(dataset: str, tf_data_dir: str, *, split: str,
   with tfds.core.registered.skip_registration():
     module = importlib.import_module(f"tfds_builders.{name.name}")
   builder = module.Builder(data_dir=tf_data_dir, file_format="tfrecord", **kwargs)
-  num_out, height, width = 2 * config.input.num_frames, *config.input.raw_size
+  num_out, height, width = 2 * config.input.num_frames, *sampling.raw_size(config)
 
   def sample(example):
     encoded = example["video"]
@@ -223,7 +238,7 @@ def tf_data_rate(dataset: str, tf_data_dir: str, *, split: str,
                           shuffle_files=True)
   ds = (ds.repeat().shuffle(64).map(sample, num_parallel_calls=tf.data.AUTOTUNE)
         .batch(batch_size).prefetch(2))
-  return _rate(lambda: iter(ds.as_numpy_iterator()), batches)
+  return _steady_rate(iter(ds.as_numpy_iterator()), batches, warmup=3)  # prefetch(2)
 
 
 def _fake_data(num_videos: int, root: str) -> str:

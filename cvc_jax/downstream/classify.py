@@ -183,6 +183,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                           "command again to resume.", i + 1)
           return {}
     finally:
+      manager.wait_until_finished()  # before SIGTERM's handler is given back
       preemption.restore()
 
   params, batch_stats, _ = state
