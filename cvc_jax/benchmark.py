@@ -238,7 +238,7 @@ def jaxpr_flops(jaxpr) -> float:
       out_features = rhs[params["dimension_numbers"].rhs_spec[0]]
       total += (2.0 * math.prod(out) * math.prod(rhs) / out_features /
                 math.prod(params.get("lhs_dilation") or (1,)))
-    subs = [j for v in params.values() for j in _sub_jaxprs(v)]
+    subs = list(jax.extend.core.jaxprs_in_params(params))
     if not subs:
       continue
     if name == "cond":
@@ -246,13 +246,6 @@ def jaxpr_flops(jaxpr) -> float:
     else:
       total += params.get("length", 1) * sum(jaxpr_flops(j) for j in subs)
   return total
-
-
-def _sub_jaxprs(value):
-  """The jaxprs in one equation parameter (a jaxpr or a tuple of them)."""
-  values = value if isinstance(value, (tuple, list)) else (value,)
-  return [v for v in values if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None),
-                                                               "eqns")]
 
 
 def _step_fn(config, steps_per_epoch):

@@ -339,7 +339,7 @@ class ArchiveJobs:
     return len(self.jobs)
 
   def __iter__(self) -> Iterator[Job]:
-    seen = set()
+    seen, corrupt = set(), {}
     try:
       for member, data in archive_members(
           self.archive, lambda m: os.path.basename(m) in self.jobs):
@@ -353,8 +353,6 @@ class ArchiveJobs:
       corrupt = {os.path.basename(name): why for name, why in e.corrupt.items()}
       logging.warning("%s Skipped: %d corrupt videos, %d not read (missing).", e,
                       len(corrupt), len(self.jobs) - len(seen) - len(corrupt))
-    else:
-      corrupt = {}
     for base, job in self.jobs.items():
       if base not in seen:
         yield dataclasses.replace(

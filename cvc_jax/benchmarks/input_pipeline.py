@@ -97,16 +97,19 @@ def _pass_rate(make_iterator):
   return samples / wall, samples / cpu
 
 
+def _decode_distinct(sample: tuple[list[bytes], np.ndarray]) -> None:
+  """Decodes a sample's distinct frames with the pipeline's decoder, bare."""
+  encoded, indices = sample
+  for i in np.unique(indices):
+    ip._decode_jpeg(encoded[i])  # pylint: disable=protected-access
+
+
 def _decode_rate(samples: list[tuple[list[bytes], np.ndarray]]):
   """(samples/s, samples per CPU second) decoding the samples' distinct
-  frames, one thread per core, with the pipeline's decoder."""
-  def decode(sample):
-    encoded, indices = sample
-    for i in np.unique(indices):
-      ip._decode_jpeg(encoded[i])  # pylint: disable=protected-access
+  frames, one thread per core."""
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-    list(pool.map(decode, samples[:os.cpu_count()]))  # Warm up the threads.
-    n, wall, cpu = _timed(lambda: len(list(pool.map(decode, samples))))
+    list(pool.map(_decode_distinct, samples[:os.cpu_count()]))  # Warm up the threads.
+    n, wall, cpu = _timed(lambda: len(list(pool.map(_decode_distinct, samples))))
   return n / wall, n / cpu
 
 
@@ -191,9 +194,8 @@ def per_video_costs(dataset: str, data_dir: str, *, split: str, eval_split: str,
       return 1e3 * min(_timed(fn)[1] for _ in range(repeats)) / n
 
     def bare():
-      for encoded, indices in samples:
-        for i in np.unique(indices):
-          ip._decode_jpeg(encoded[i])  # pylint: disable=protected-access
+      for sample in samples:
+        _decode_distinct(sample)
 
     def canvas():
       for encoded, indices in samples:
