@@ -57,6 +57,7 @@ from jax.experimental import topologies
 from ml_collections import config_flags
 
 from cvc_jax import benchmark
+from cvc_jax import costs
 from cvc_jax import models
 from cvc_jax import parallel
 from cvc_jax.models import convolutions
@@ -183,7 +184,7 @@ def compile_step(config, devices):
   card): (compiled, seconds)."""
   mesh = parallel.data_mesh(config.batch_size, devices)
   step = benchmark.jitted_step(config, mesh)
-  args = benchmark.abstract_inputs(config, *parallel.shardings(mesh))
+  args = costs.abstract_inputs(config, *parallel.shardings(mesh))
   options = dict(models.conv_compiler_options(config.dtype, devices[0]) or {})
   if devices[0].platform == "gpu":
     options["xla_gpu_autotune_level"] = 0
@@ -222,12 +223,12 @@ def compare(config, devices, *, remats, limit_bytes, min_batch, max_batch, multi
       if batch not in compiled:
         c, seconds = compile_step(for_device(config, devices[0], batch, remat), devices)
         compiled[batch] = (c, seconds)
-        _log(f"remat={remat} batch {batch}: {benchmark.compiled_bytes(c) / 2**30:.2f} "
+        _log(f"remat={remat} batch {batch}: {costs.compiled_bytes(c) / 2**30:.2f} "
              f"GiB, compiled in {seconds:.0f} s.")
         if hlo_dir:
           with open(os.path.join(hlo_dir, f"{remat}_{batch}.hlo"), "w") as f:
             f.write(c.as_text())
-      return benchmark.compiled_bytes(compiled[batch][0])
+      return costs.compiled_bytes(compiled[batch][0])
 
     batch, nbytes, how = benchmark.largest_batch(
         need, min_batch=min_batch, max_batch=max_batch, multiple=multiple,
@@ -235,7 +236,7 @@ def compare(config, devices, *, remats, limit_bytes, min_batch, max_batch, multi
     first, first_s = compiled[min_batch]
     conv_calls, traffic = program_traffic(first, devices[0].platform)
     row = {"remat": remat, "batch": batch, "gib": nbytes / 2**30, "how": how,
-           "gib_by_batch": {b: benchmark.compiled_bytes(c) / 2**30
+           "gib_by_batch": {b: costs.compiled_bytes(c) / 2**30
                             for b, (c, _) in sorted(compiled.items())},
            "convolutions": conv_calls,
            "traffic_gb": {k: round(gb, 2) for k, gb in traffic.items()},

@@ -25,6 +25,7 @@ from absl import flags
 import jax
 
 from cvc_jax import benchmark
+from cvc_jax import costs
 
 FLAGS = flags.FLAGS
 benchmark.define_flags()
@@ -77,7 +78,7 @@ def fit(config, *, remat, min_batch, max_batch, multiple, limit,
     return steps[batch, probe]
 
   batch, _, how = benchmark.largest_batch(
-      lambda batch, probe: benchmark.compiled_bytes(compiled(batch, probe).compiled),
+      lambda batch, probe: costs.compiled_bytes(compiled(batch, probe).compiled),
       min_batch=min_batch, max_batch=max_batch, multiple=multiple, limit=limit,
       log=_log)
   return steps[batch, False], how

@@ -42,13 +42,11 @@ def _same(a, b) -> tuple[int, int]:
 def main(argv):
   del argv
   config = FLAGS.config
-  t, s = config.input.num_frames, config.input.crop_size
   rng = jax.random.key(config.seed)
   print(f"{jax.devices()[0].device_kind}, {jax.device_count()} device(s)")
 
-  views_shape = (config.batch_size, 6, t, s, s, 3)
   lowered = jax.jit(lambda r: pretrain.create_train_state(
-      config, r, views_shape, 1)).lower(rng)
+      config, r, pretrain.views_shape_of(config), 1)).lower(rng)
   first = None
   for level in map(int, _LEVELS.value):
     start = time.perf_counter()
@@ -60,7 +58,7 @@ def main(argv):
     print(f"create_train_state, level {level}: compile {seconds:.1f} s, "
           "%d of %d arrays bitwise as level %s" % (*_same(arrays, first), _LEVELS.value[0]))
 
-  shape = (1,) + views_shape[1:]
+  shape = (1,) + pretrain.views_shape_of(config)[1:]
   start = time.perf_counter()
   eager = jax.block_until_ready(pretrain.initial_variables(config, rng, shape))
   eager_s = time.perf_counter() - start

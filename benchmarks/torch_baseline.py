@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cvc_jax import benchmark  # pylint: disable=g-import-not-at-top
+from cvc_jax import costs  # pylint: disable=g-import-not-at-top
 from tests.torch_reference import cvc_model as ref
 from tests.torch_reference.video_resnet import TorchVideoResNet
 
@@ -293,7 +294,7 @@ class TorchStep:
         dtype=dtype, global_batch=args.batch_size,
         clip_shape=(args.frames, args.size, args.size), step_times_s=times,
         flops_per_step=self.flops, flops_source="torch flop_counter",
-        peak_tflops_per_device=benchmark.peak_tflops(kind, dtype),
+        peak_tflops_per_device=costs.peak_tflops(kind, dtype),
         peak_memory_bytes=int(memory), peak_memory_source=memory_source,
         compile_time_s=self.compile_time,
         notes=("fwd+bwd+Adam on prebuilt views, " + how +

@@ -13,12 +13,12 @@ SPEC section 4 (queue in the Sinkhorn, L_loc in the total, prototypes free), the
 steady state of a run. Compilation is timed on its own, then each of `--steps`
 steps is timed between `block_until_ready`s.
 
-`benchmarks/torch_baseline.py` prints the same table for the PyTorch model.
+`benchmarks/torch_baseline.py` prints the same table for the PyTorch model;
+`cvc_jax.costs` counts both steps' FLOPs and holds the devices' peaks.
 """
 
 import dataclasses
 import json
-import math
 import os
 import resource
 import statistics
@@ -33,42 +33,15 @@ import numpy as np
 from ml_collections import config_flags
 
 import cvc_jax
+from cvc_jax import costs
 from cvc_jax import models
 from cvc_jax import parallel
 from cvc_jax import pretrain
 from cvc_jax import sampling
-from cvc_jax import views as views_lib
 from cvc_jax.models import convolutions
 from cvc_jax.models import resnet3d
 
 CLIPS_PER_VIDEO = 6  # v1 v2 s1 s2 d1 d2
-
-# Dense peak TFLOP/s per device: (bfloat16, float32). Sources: NVIDIA's H100
-# datasheet (SXM: BF16 tensor 1979 with sparsity, so 989 dense; FP32 67; H200
-# has the H100 SXM's compute), NVIDIA's A100 datasheet (BF16 312, FP32 19.5;
-# TF32 tensor 156 not used here), Google Cloud's TPU system-architecture pages
-# (per-chip bf16: v4 275, v5e 197, v5p 459, v6e 918). TPUs multiply float32 on
-# the bf16 MXU in several passes; their bf16 peak is the ceiling for both.
-# Keys are matched against the lower-cased `device_kind`, first match wins.
-# Variants with other peaks that these sources do not give (the NVL cards, the
-# v4 inference chip) map to None: no MFU rather than a wrong one.
-PEAK_TFLOPS = (
-    ("h100 nvl", (None, None)),
-    ("h200 nvl", (None, None)),
-    ("tpu v4 lite", (None, None)),
-    ("h100 pcie", (756.0, 51.0)),
-    ("h100", (989.0, 67.0)),
-    ("h200", (989.0, 67.0)),
-    ("a100", (312.0, 19.5)),
-    ("tpu v4", (275.0, 275.0)),
-    ("tpu v5 lite", (197.0, 197.0)),  # v5e reports itself as "TPU v5 lite"
-    ("tpu v5e", (197.0, 197.0)),
-    ("tpu v5p", (459.0, 459.0)),
-    ("tpu v5", (459.0, 459.0)),  # v5p reports itself as "TPU v5"
-    ("tpu v6", (918.0, 918.0)),  # v6e: "TPU v6 lite"
-)
-
-
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines this program's flags; called by entry points only, so that importing
@@ -87,18 +60,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("json", None, "Also write the results to this JSON file.",
                       flag_values=flag_values)
   flags.DEFINE_bool("count_flops", False, "Only print the step's FLOPs as the MFU "
-                    "counts them (`step_flops`), from shapes alone: nothing is "
+                    "counts them (`costs.step_flops`), from shapes alone: nothing is "
                     "compiled or allocated, so any batch can be counted on any host.",
                     flag_values=flag_values)
-
-
-def peak_tflops(device_kind: str, dtype: str) -> float | None:
-  """Dense peak TFLOP/s of one device for a compute dtype; None if unknown (CPUs)."""
-  kind = device_kind.lower()
-  for key, (bf16, fp32) in PEAK_TFLOPS:
-    if key in kind:
-      return bf16 if dtype == "bfloat16" else fp32
-  return None
 
 
 @dataclasses.dataclass
@@ -199,116 +163,13 @@ def _memory(device) -> tuple[int | None, str]:
   return int(rss), "process peak RSS, host"
 
 
-def _flops(compiled) -> float | None:
-  """FLOPs by XLA's cost analysis of a compiled program, if it counts any."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except  (not every backend has one)
-    return None
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = cost.get("flops") if cost else None
-  return float(flops) if flops and flops > 0 else None
-
-
-def jaxpr_flops(jaxpr) -> float:
-  """2 x the multiply-adds of every convolution and matrix product in a jaxpr.
-
-  The counting rule of `torch.utils.flop_counter`, so that both frameworks' MFU
-  share one numerator and no backend's cost model enters it. Sub-jaxprs count
-  once per call, a scan's body `length` times, a cond its costliest branch, a
-  while loop's body once (its trip count is not static). Under rematerialisation
-  the recomputed forward is in the jaxpr of the gradient and is counted.
-  """
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # a ClosedJaxpr's Jaxpr
-  total = 0.0
-  for eqn in jaxpr.eqns:
-    name, params = eqn.primitive.name, eqn.params
-    out = eqn.outvars[0].aval.shape
-    if name == "dot_general":
-      (contracting, _), _ = params["dimension_numbers"]
-      lhs = eqn.invars[0].aval.shape
-      total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in contracting)
-    elif name == "conv_general_dilated":
-      # Each output element sums over the kernel's window and input features:
-      # the kernel's size over its output features (grouped or not). The input
-      # gradient of a strided convolution dilates its input with zeros
-      # (lhs_dilation); only the taps on real elements count, as a library's
-      # backward-data convolution (and torch's counter) does them.
-      rhs = eqn.invars[1].aval.shape
-      out_features = rhs[params["dimension_numbers"].rhs_spec[0]]
-      total += (2.0 * math.prod(out) * math.prod(rhs) / out_features /
-                math.prod(params.get("lhs_dilation") or (1,)))
-    subs = list(jax.extend.core.jaxprs_in_params(params))
-    if not subs:
-      continue
-    if name == "cond":
-      total += max(jaxpr_flops(j) for j in subs)
-    else:
-      total += params.get("length", 1) * sum(jaxpr_flops(j) for j in subs)
-  return total
-
-
-def _step_fn(config, steps_per_epoch):
-  """The step of `pretrain.train_and_evaluate`, views included."""
-
-  def step_fn(state, batch, rng):
-    views = views_lib.pretrain_views(
-        batch["frames"], jax.random.fold_in(rng, state.step), config, batch["sizes"])
-    return pretrain.train_step(state, views, config, steps_per_epoch)
-
-  return step_fn
-
-
-def _model_work(config):
-  """`config`, or a copy that computes the same model without what the speed
-  options add: '3d_pad8' convolutions as the '3d' ones they compute, the
-  space-to-depth stem as its convolution, no rematerialisation. The zeros that
-  padding and the 8x8 taps add and the forward passes remat repeats are not the
-  model's work, so MFU leaves them out (model FLOPs, not hardware FLOPs)."""
-  pad8 = config.model.encoder.get("conv_impl") == "3d_pad8"
-  s2d = convolutions.resolve_stem_impl(config.model.encoder.get("stem_impl", "auto"),
-                                       config.dtype) == "space_to_depth"
-  remat = config.get("remat", "none") != "none"
-  if not (pad8 or s2d or remat):
-    return config
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    if pad8:
-      config.model.encoder.conv_impl = "3d"
-    if s2d:
-      config.model.encoder.stem_impl = "conv"
-    if remat:
-      config.remat = "none"
-  return config
-
-
-def abstract_inputs(config, replicated=None, batch_sharding=None):
-  """The train state, batch and key of one step of `config` as shapes (nothing is
-  allocated): state and key placed by `replicated`, the batch by `batch_sharding`
-  (None: no placement)."""
-  b, t, s = config.batch_size, config.input.num_frames, config.input.crop_size
-  state = jax.eval_shape(lambda rng: pretrain.create_train_state(
-      config, rng, (b, CLIPS_PER_VIDEO, t, s, s, 3), 1), jax.random.key(0))
-  rng = jax.eval_shape(lambda: jax.random.key(1))
-  place = lambda tree: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), tree)
-  return place(state), pretrain.batch_shapes(config, batch_sharding), place(rng)
-
-
 def jitted_step(config, mesh: Mesh, steps_per_epoch: int = 1):
   """The step as `TrainStep` compiles it, placed by `parallel.shardings`, the state
   donated."""
   replicated, batch_sharding = parallel.shardings(mesh)
-  return jax.jit(_step_fn(config, steps_per_epoch), donate_argnums=(0,),
+  return jax.jit(pretrain.frames_train_step(config, steps_per_epoch), donate_argnums=(0,),
                  in_shardings=(replicated, batch_sharding, replicated),
                  out_shardings=(replicated, replicated))
-
-
-def step_flops(config) -> float:
-  """`jaxpr_flops` of one train step of `config`, traced from shapes alone (nothing
-  is allocated or compiled): what the benchmark's MFU counts, for any batch."""
-  config = _model_work(config)
-  return jaxpr_flops(jax.make_jaxpr(_step_fn(config, 1))(*abstract_inputs(config)))
 
 
 def largest_batch(need, *, min_batch: int, max_batch: int, multiple: int,
@@ -347,14 +208,6 @@ def largest_batch(need, *, min_batch: int, max_batch: int, multiple: int,
   return batch, nbytes, how
 
 
-def compiled_bytes(compiled) -> int:
-  """Bytes one device needs for a compiled program, by XLA's memory analysis:
-  arguments + outputs + temporaries - donated (aliased) buffers."""
-  m = compiled.memory_analysis()
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes +
-             m.temp_size_in_bytes - m.alias_size_in_bytes)
-
-
 class TrainStep:
   """The compiled train step of a config on every visible device, ready to time.
 
@@ -378,14 +231,14 @@ class TrainStep:
     mesh = parallel.data_mesh(config.batch_size, self.devices)
     replicated, batch_sharding = parallel.shardings(mesh)
     b, t = config.batch_size, config.input.num_frames
-    (h, w), s = sampling.raw_size(config), config.input.crop_size
+    h, w = sampling.raw_size(config)
     # Epoch = step: from `steady_epoch` on every term and the queue are on.
     steps_per_epoch = 1
     steady_epoch = max(config.loss.loc_start_epoch, config.loss.queue_start_epoch,
                        config.loss.freeze_prototypes_epochs)
 
     state = pretrain.init_train_state(config, jax.random.key(config.seed),
-                                      (b, CLIPS_PER_VIDEO, t, s, s, 3), steps_per_epoch,
+                                      pretrain.views_shape_of(config), steps_per_epoch,
                                       sharding=replicated)
     state = state.replace(step=jax.device_put(np.int32(steady_epoch), replicated))
 
@@ -413,11 +266,11 @@ class TrainStep:
     # compiled program leaves out library calls (on an H100 it counted 0.28 of
     # the 23 TFLOP of configs/ucf101.py's step at batch 16: the cuDNN
     # convolutions are missing), so it is shown beside, not used.
-    model_config = _model_work(config)
-    self.flops = (jaxpr_flops(traced.jaxpr) if model_config is config
-                  else step_flops(model_config))
+    model_config = costs.model_work(config)
+    self.flops = (costs.jaxpr_flops(traced.jaxpr) if model_config is config
+                  else costs.step_flops(model_config))
     # SPMD programs are per device: the compiled cost analysis counts one share.
-    xla = _flops(self.compiled)
+    xla = costs.compiled_flops(self.compiled)
     self.flops_source = ("the model's convolutions and matrix products (jaxpr; no "
                          "padding, no remat recomputation); XLA cost ") + (
         f"analysis {xla * len(self.devices) / 1e12:.3f} T" if xla else "analysis n/a")
@@ -471,7 +324,7 @@ class TrainStep:
         device_count=len(self.devices), dtype=c.dtype, global_batch=c.batch_size,
         clip_shape=(c.input.num_frames, c.input.crop_size, c.input.crop_size),
         step_times_s=times, flops_per_step=self.flops, flops_source=self.flops_source,
-        peak_tflops_per_device=peak_tflops(kind, c.dtype), peak_memory_bytes=memory,
+        peak_tflops_per_device=costs.peak_tflops(kind, c.dtype), peak_memory_bytes=memory,
         peak_memory_source=memory_source, compile_time_s=self.compile_time, notes=notes)
 
 
@@ -547,7 +400,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   if fv.count_flops:
     c = fv.config
     conv_impl = convolutions.resolve_conv_impl(c.model.encoder.get("conv_impl", "auto"))
-    print(f"{step_flops(c) / 1e12:.3f} TFLOP per step: batch {c.batch_size}, "
+    print(f"{costs.step_flops(c) / 1e12:.3f} TFLOP per step: batch {c.batch_size}, "
           f"conv_impl={conv_impl}, remat={c.get('remat', 'none')}")
     return
   result = run(fv.config, steps=fv.steps, warmup=fv.warmup, remat=fv.remat,

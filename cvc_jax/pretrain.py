@@ -22,6 +22,7 @@ from cvc_jax import losses
 from cvc_jax import models
 from cvc_jax import parallel
 from cvc_jax import sampling
+from cvc_jax import views as views_lib
 from cvc_jax.models import cvc
 
 TERMS = ("I_vv", "I_vs", "I_vd", "align_s", "align_d", "entropy_s", "entropy_d",
@@ -283,6 +284,25 @@ def batch_shapes(config, sharding: NamedSharding | None = None) -> dict[str, Any
           "sizes": jax.ShapeDtypeStruct((b, 2), jnp.int32, sharding=sharding)}
 
 
+def views_shape_of(config) -> tuple[int, ...]:
+  """The shape of a batch's six views (v1 v2 s1 s2 d1 d2): [B, 6, T, S, S, 3]."""
+  t, s = config.input.num_frames, config.input.crop_size
+  return (config.batch_size, 6, t, s, s, 3)
+
+
+def frames_train_step(config, steps_per_epoch: int):
+  """The step `train_and_evaluate` jits, (state, batch, base key) -> (state,
+  metrics): the six views built on the device from the batch's raw frames (SPEC
+  section 1) with the base key folded with the step, then `train_step`."""
+
+  def step_fn(state, batch, rng):
+    views = views_lib.pretrain_views(batch["frames"], jax.random.fold_in(rng, state.step),
+                                     config, batch["sizes"])
+    return train_step(state, views, config, steps_per_epoch)
+
+  return step_fn
+
+
 def _checkpoint_tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
   """The saved state: parameters, BatchNorm statistics, optimiser, queues, step,
   and the run's base PRNG key. The input position is the step: batch s is a pure
@@ -306,7 +326,6 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   # TensorFlow (clu's writers and the input pipeline bring it in).
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   from cvc_jax import datasets, input_pipeline  # pylint: disable=g-import-not-at-top
-  from cvc_jax import views as views_lib  # pylint: disable=g-import-not-at-top
 
   os.makedirs(workdir, exist_ok=True)
   datasets.ensure_built(config)
@@ -317,13 +336,12 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   # and everything else is replicated.
   mesh = parallel.data_mesh(config.batch_size)
   replicated, batch_sharding = parallel.shardings(mesh)
-  t, s = config.input.num_frames, config.input.crop_size
-  views_shape = (config.batch_size, 6, t, s, s, 3)
   # Replicated like the state, made by a jitted function (device_put cannot place
   # onto other processes' devices): with several processes orbax refuses to save
   # an array that lives on one process's device.
   rng = jax.jit(functools.partial(jax.random.key, config.seed), out_shardings=replicated)()
-  state = init_train_state(config, rng, views_shape, steps_per_epoch, sharding=replicated)
+  state = init_train_state(config, rng, views_shape_of(config), steps_per_epoch,
+                           sharding=replicated)
 
   # Closed on the way out, whatever the way: it waits for a save in flight and
   # stops orbax's asynchronous machinery (which complains at exit otherwise).
@@ -349,12 +367,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
 
-    def step_fn(state, batch, rng):
-      views = views_lib.pretrain_views(batch["frames"], jax.random.fold_in(rng, state.step),
-                                       config, batch["sizes"])
-      return train_step(state, views, config, steps_per_epoch)
-
-    p_step = jax.jit(step_fn, donate_argnums=(0,),
+    p_step = jax.jit(frames_train_step(config, steps_per_epoch), donate_argnums=(0,),
                      in_shardings=(replicated, batch_sharding, replicated),
                      out_shardings=(replicated, replicated),
                      compiler_options=models.conv_compiler_options(config.dtype))

@@ -28,7 +28,6 @@ from typing import Any
 
 import av
 import numpy as np
-from PIL import Image
 import tqdm
 
 JPEG_QUALITY = 90  # About 6 KB per 170 x 128 frame; artefacts below the noise.

@@ -183,7 +183,7 @@ def _with_kernel_grad(form, kernel_grad):
   fast forward and for the input gradient but derives a slow kernel gradient
   for (benchmarks/RESULTS.md); that one pass is written out by hand. The input
   gradient is the transpose of `form` alone: a vjp would trace the forward pass
-  again (dead code XLA removes, but the jaxpr `benchmark.jaxpr_flops` counts
+  again (dead code XLA removes, but the jaxpr `costs.jaxpr_flops` counts
   would hold it). `static` is a tuple of the hashable remaining arguments.
   """
   @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
