@@ -57,7 +57,7 @@ def _by_name(tree) -> dict:
 
 class Preemption:
   """Whether a training loop should save and stop after a step: SIGTERM, the
-  notice of a preemption, has come.
+  notice of a preemption, has come. A context manager around the loop.
 
   One process: a SIGTERM handler of its own sets a flag. Several processes:
   every one must stop after the same step (a save and the next step's
@@ -65,15 +65,27 @@ class Preemption:
   at different steps. jax.distributed's preemption service (installed by
   `jax.distributed.initialize`, which catches SIGTERM itself: a handler of ours
   would take its place) tells all of them one step, through the checkpoint
-  manager. `restore()` puts the previous handler back.
+  manager. On exit, however the loop ends, the manager's last save is awaited
+  and only then is the previous handler put back: a second signal in between
+  must not kill the save.
   """
 
   def __init__(self, manager: ocp.CheckpointManager):
     self._manager = manager
     self._own_handler = jax.process_count() == 1
     self._received = False
+    self._previous = None
+
+  def __enter__(self) -> "Preemption":
     if self._own_handler:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc_info):
+    self._manager.wait_until_finished()
+    # None: the previous handler was not Python's, and Python cannot put it back.
+    if self._own_handler and self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
   def _handle(self, signum, frame):
     del frame
@@ -85,8 +97,3 @@ class Preemption:
     if self._own_handler:
       return self._received
     return self._manager.reached_preemption(step)
-
-  def restore(self):
-    # None: the previous handler was not Python's, and Python cannot put it back.
-    if self._own_handler and self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)

@@ -2,6 +2,7 @@
 of section 5, the train state with its concept queues, and the train step.
 """
 
+import contextlib
 import functools
 import os
 import time
@@ -343,14 +344,17 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   state = init_train_state(config, rng, views_shape_of(config), steps_per_epoch,
                            sharding=replicated)
 
-  # Closed on the way out, whatever the way: it waits for a save in flight and
-  # stops orbax's asynchronous machinery (which complains at exit otherwise).
-  with ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.get("keep_checkpoints", 3),
-          save_interval_steps=config.checkpoint_every_steps,
-          cleanup_tmp_directories=True)) as manager:
+  # What is entered here is left on the way out, whatever the way, last first:
+  # the metrics flushed; the last save awaited before SIGTERM's handler is given
+  # back; the manager closed (it stops orbax's asynchronous machinery, which
+  # complains at exit otherwise).
+  with contextlib.ExitStack() as stack:
+    manager = stack.enter_context(ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.get("keep_checkpoints", 3),
+            save_interval_steps=config.checkpoint_every_steps,
+            cleanup_tmp_directories=True)))
     # Resume: the newest checkpoint orbax finalised (a save cut short is never
     # listed). Restored in place of the fresh state: step, params, batch_stats,
     # opt_state, queue, then the base PRNG key; the data position follows the step.
@@ -379,45 +383,39 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         workdir, just_logging=jax.process_index() > 0)
     report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     schedule = lr_schedule(config.optim, steps_per_epoch)
-    preemption = checkpointing.Preemption(manager)
+    preemption = stack.enter_context(checkpointing.Preemption(manager))
+    stack.callback(writer.flush)
     log_every = config.get("log_every_steps", 50)
     pending = None  # the previous step's metrics, read one step late to keep overlap
     timer = time.perf_counter()
-    try:
-      for step in range(start_step, total_steps):
-        local = next(batches)
-        batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
-                 for k in ("frames", "sizes")}
-        state, metrics = p_step(state, batch, rng)
-        if pending is not None:
-          _check_finite(*pending, manager)
-        pending = (step, metrics)
-        report(step + 1)
-        if (step + 1) % log_every == 0 or step + 1 == total_steps:
-          _check_finite(step, metrics, manager)
-          elapsed, timer = time.perf_counter() - timer, time.perf_counter()
-          scalars = {k: float(v) for k, v in metrics.items() if k != "finite"}
-          scalars.update(lr=float(schedule(step)), steps_per_sec=log_every / elapsed,
-                         clips_per_sec=log_every * config.batch_size * 6 / elapsed)
-          writer.write_scalars(step + 1, scalars)
-        preempted = preemption.reached(step + 1)
-        if preempted or step + 1 == total_steps or manager.should_save(step + 1):
-          # Only a state known to be finite is ever written.
-          _check_finite(step, metrics, manager)
-          pending = None
-          manager.save(step + 1, args=ocp.args.StandardSave(_checkpoint_tree(state, rng)),
-                       force=True)
-        if preempted:
-          logging.warning("Stopped at step %d after a preemption signal.", step + 1)
-          break
+    for step in range(start_step, total_steps):
+      local = next(batches)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
+               for k in ("frames", "sizes")}
+      state, metrics = p_step(state, batch, rng)
       if pending is not None:
         _check_finite(*pending, manager)
-    finally:
-      # The last save lands before SIGTERM's handler is given back: a second
-      # signal in between must not kill it.
-      manager.wait_until_finished()
-      writer.flush()
-      preemption.restore()
+      pending = (step, metrics)
+      report(step + 1)
+      if (step + 1) % log_every == 0 or step + 1 == total_steps:
+        _check_finite(step, metrics, manager)
+        elapsed, timer = time.perf_counter() - timer, time.perf_counter()
+        scalars = {k: float(v) for k, v in metrics.items() if k != "finite"}
+        scalars.update(lr=float(schedule(step)), steps_per_sec=log_every / elapsed,
+                       clips_per_sec=log_every * config.batch_size * 6 / elapsed)
+        writer.write_scalars(step + 1, scalars)
+      preempted = preemption.reached(step + 1)
+      if preempted or step + 1 == total_steps or manager.should_save(step + 1):
+        # Only a state known to be finite is ever written.
+        _check_finite(step, metrics, manager)
+        pending = None
+        manager.save(step + 1, args=ocp.args.StandardSave(_checkpoint_tree(state, rng)),
+                     force=True)
+      if preempted:
+        logging.warning("Stopped at step %d after a preemption signal.", step + 1)
+        break
+    if pending is not None:
+      _check_finite(*pending, manager)
   return state
 
 

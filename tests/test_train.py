@@ -4,6 +4,7 @@
 kills one with SIGKILL at a random moment and checks the parameters bitwise.
 """
 
+import contextlib
 import glob
 import os
 import random
@@ -18,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import demo, ucf101
-from cvc_jax import datasets, pretrain
+from cvc_jax import checkpointing, datasets, pretrain
 from tests import overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,6 +120,30 @@ def test_main_runs_and_resumes_bitwise_after_sigkill(tmp_path, data_dir):
   assert "Event loop is closed" not in out, out[-3000:]
   with open(os.path.join(full, "config.json")) as f:
     assert f.read() == before
+
+
+def test_preemption_awaits_the_last_save_before_giving_sigterm_back():
+  class Manager:  # what Preemption uses of orbax's CheckpointManager, one process
+    def __init__(self):
+      self.handlers_while_waiting = []
+
+    def wait_until_finished(self):
+      self.handlers_while_waiting.append(signal.getsignal(signal.SIGTERM))
+
+  previous = signal.getsignal(signal.SIGTERM)
+  for fail in (False, True):  # the loop ending, or raising
+    manager = Manager()
+    with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
+      with checkpointing.Preemption(manager) as preemption:
+        ours = signal.getsignal(signal.SIGTERM)
+        assert ours is not previous and not preemption.reached(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preemption.reached(1)
+        if fail:
+          raise RuntimeError("a step failed")
+    # The save was awaited once, under our handler; then the old one is back.
+    assert manager.handlers_while_waiting == [ours]
+    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 def test_nonfinite_loss_stops_naming_step_and_term(tmp_path, data_dir, monkeypatch):

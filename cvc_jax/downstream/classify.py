@@ -6,6 +6,7 @@ encoder frozen and its BatchNorm in inference mode (linear probe). The test
 protocol is `evaluate.clip_averaged`: ten clips, softmax averaged, every video once.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -139,12 +140,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), new_stats, opt_state), loss
 
-  # Closed on the way out, whatever the way (see pretrain.train_and_evaluate).
-  with ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=2, save_interval_steps=config.checkpoint_every_steps,
-          cleanup_tmp_directories=True)) as manager:
+  # Left on the way out, whatever the way, last first (as in
+  # pretrain.train_and_evaluate): metrics flushed, the last save awaited before
+  # SIGTERM's handler is given back, the manager closed.
+  with contextlib.ExitStack() as stack:
+    manager = stack.enter_context(ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=2, save_interval_steps=config.checkpoint_every_steps,
+            cleanup_tmp_directories=True)))
     start_step = 0
     if manager.latest_step() is not None:
       _check_same_run(config, workdir)
@@ -161,30 +165,27 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     rng = jax.random.key(config.seed + 1)
     batches = input_pipeline.train_clip_batches(config, start_step=start_step)
-    preemption = checkpointing.Preemption(manager)
-    try:
-      for i in range(start_step, total_steps):
-        local = next(batches)
-        batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
-                 for k in ("frames", "sizes", "label")}
-        key = jax.random.fold_in(rng, i)
-        if i == start_step:
-          step = parallel.compiled_together(step, state, batch, key, name="downstream step")
-        state, loss = step(state, batch, key)
-        report(i + 1)
-        if (i + 1) % config.log_every_steps == 0 or i + 1 == total_steps:
-          writer.write_scalars(i + 1, {"train_loss": float(loss)})
-        preempted = preemption.reached(i + 1)  # once: a signal may come in between
-        if preempted or i + 1 == total_steps or manager.should_save(i + 1):
-          manager.save(i + 1, args=ocp.args.StandardSave(dict(step=i + 1, state=state)),
-                       force=True)
-        if preempted:
-          logging.warning("Stopped at step %d after a preemption signal; run the same "
-                          "command again to resume.", i + 1)
-          return {}
-    finally:
-      manager.wait_until_finished()  # before SIGTERM's handler is given back
-      preemption.restore()
+    preemption = stack.enter_context(checkpointing.Preemption(manager))
+    stack.callback(writer.flush)
+    for i in range(start_step, total_steps):
+      local = next(batches)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, local[k])
+               for k in ("frames", "sizes", "label")}
+      key = jax.random.fold_in(rng, i)
+      if i == start_step:
+        step = parallel.compiled_together(step, state, batch, key, name="downstream step")
+      state, loss = step(state, batch, key)
+      report(i + 1)
+      if (i + 1) % config.log_every_steps == 0 or i + 1 == total_steps:
+        writer.write_scalars(i + 1, {"train_loss": float(loss)})
+      preempted = preemption.reached(i + 1)  # once: a signal may come in between
+      if preempted or i + 1 == total_steps or manager.should_save(i + 1):
+        manager.save(i + 1, args=ocp.args.StandardSave(dict(step=i + 1, state=state)),
+                     force=True)
+      if preempted:
+        logging.warning("Stopped at step %d after a preemption signal; run the same "
+                        "command again to resume.", i + 1)
+        return {}
 
   params, batch_stats, _ = state
   variables = {"params": params, "batch_stats": batch_stats}
