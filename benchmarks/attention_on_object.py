@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cvc_jax import visualize  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cvc_jax import concepts  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cvc_jax.models import cvc  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cvc_jax.models import exported  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tfds_builders.synthetic_motion import synthetic_motion_dataset_builder as motion  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -44,7 +44,7 @@ def box_masks(boxes, height, width):
 
 def path_masks(masks, clip_length):
   """bool [N, H, W]: for each frame, the union of the boxes over its clip's frames."""
-  starts, chosen = visualize.frame_clips(len(masks), clip_length)
+  starts, chosen = concepts.frame_clips(len(masks), clip_length)
   return np.stack([masks[starts[c]:starts[c] + clip_length].any(0) for c in chosen])
 
 
@@ -52,16 +52,16 @@ def measure(init_from, *, videos=16, path="kinds", short_side=None) -> dict:
   """Mean shares of the top dynamic concept's map in the object's box and path,
   and the mean areas of those regions, over the moving videos among the first
   `videos` test videos; also the per-video shares ('box_shares', 'path_shares')."""
-  config, models, variables = visualize.load(init_from)
+  config, models, variables = concepts.load(init_from)
   rows = []
   for index in range(videos):
     video = motion.make_video("test", index)
     if motion.DYNAMIC_NAMES[video["label_dynamic"]] == "still":
       continue
     # What `visualize.visualize` draws first for the dynamic kind.
-    found = visualize.concepts_of(config, models, variables, video["video"], path=path,
+    found = concepts.concepts_of(config, models, variables, video["video"], path=path,
                                   short_side=short_side)["dynamic"]
-    maps = found[2][..., visualize.top(found, 1)[0]]  # [N, H, W]
+    maps = found[2][..., concepts.top(found, 1)[0]]  # [N, H, W]
     share = lambda m: np.mean((maps * m).sum((1, 2)) / maps.sum((1, 2)))
     box = box_masks(video["object_box"], *video["video"].shape[1:3])
     on_path = path_masks(box, config.input.num_frames)
@@ -72,7 +72,7 @@ def measure(init_from, *, videos=16, path="kinds", short_side=None) -> dict:
               box_shares=box_share, path_shares=path_share)
 
 
-# What `visualize.ViewConcepts` reads of a checkpoint besides its encoders: the
+# What `concepts.ViewConcepts` reads of a checkpoint besides its encoders: the
 # prototypes (templates) and the aggregation; the decoders and projectors of
 # pretraining are left out of a fixture.
 FIXTURE_PARAMS = ("lit", "prototype", "prototype_s", "prototype_d")

@@ -38,6 +38,7 @@ from PIL import Image
 import ml_collections
 
 from benchmarks import attention_on_object
+from cvc_jax import concepts
 from cvc_jax import models
 from cvc_jax import pretrain
 from cvc_jax import visualize
@@ -65,13 +66,13 @@ def _mass(maps, masks):
 
 def test_attention_is_the_modules_own(workdir):
   """The attention rebuilt from lit's queries and keys reproduces lit's output."""
-  config, paths, variables = visualize.load(workdir)
+  config, paths, variables = concepts.load(workdir)
   clips = jax.random.normal(jax.random.key(0), (2, 4, 48, 64, 3))
   lit = variables["params"]["lit"]
   for kind, model in paths.items():
     (_, local), state = model.apply(variables, clips, capture_intermediates=True,
                                     mutable=["intermediates"])
-    _, attn = visualize.concept_attention(model, variables, clips)
+    _, attn = concepts.concept_attention(model, variables, clips)
     assert attn.shape[1:4] == (1, 3, 4)
     attn = attn.reshape((2, -1, attn.shape[-1]))  # back to token order
     np.testing.assert_allclose(attn.sum(1), 1.0, rtol=1e-5)
@@ -90,17 +91,17 @@ def test_attention_is_the_modules_own(workdir):
 def test_video_attention_compiles_once_per_path(workdir):
   """Videos of one size, and a last batch shorter than the rest, reuse one
   compiled forward pass, and the padding of that batch changes no output."""
-  config, paths, variables = visualize.load(workdir)
+  config, paths, variables = concepts.load(workdir)
   model = paths["d"]
   frames = np.random.default_rng(0).integers(0, 256, (7, 24, 32, 3), np.uint8)
   kw = dict(short_side=32)
-  whole = visualize.video_attention(model, variables, config, frames, batch_size=8, **kw)
-  run = visualize._compiled_attention(model)  # pylint: disable=protected-access
+  whole = concepts.video_attention(model, variables, config, frames, batch_size=8, **kw)
+  run = concepts._compiled_attention(model)  # pylint: disable=protected-access
   compiled = run._cache_size()  # pylint: disable=protected-access
   # 4 clips of 4 frames in batches of 3: 3, then 1 padded to 3; then a second video.
-  batched = visualize.video_attention(model, variables, config, frames, batch_size=3, **kw)
-  visualize.video_attention(model, variables, config, frames[::-1], batch_size=3, **kw)
-  assert visualize._compiled_attention(model) is run  # pylint: disable=protected-access
+  batched = concepts.video_attention(model, variables, config, frames, batch_size=3, **kw)
+  concepts.video_attention(model, variables, config, frames[::-1], batch_size=3, **kw)
+  assert concepts._compiled_attention(model) is run  # pylint: disable=protected-access
   assert run._cache_size() == compiled + 1  # pylint: disable=protected-access
   for got, want in zip(batched, whole):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -132,25 +133,25 @@ def test_feature_map_position_i_is_centred_on_input_s_times_i():
 
 def test_resample_and_clip_choice():
   # No resize: pixel 16 i sits exactly on position i; between, linear.
-  w = visualize._resample(64, 64, 4)  # pylint: disable=protected-access
+  w = concepts._resample(64, 64, 4)  # pylint: disable=protected-access
   np.testing.assert_allclose(w[[0, 16, 32, 48]], np.eye(4))
   np.testing.assert_allclose(w[8], [0.5, 0.5, 0, 0])
   np.testing.assert_allclose(w[63], [0, 0, 0, 1])  # clamped past the last centre
   np.testing.assert_allclose(w.sum(1), 1.0)
   # Frame pixel p is at (p + 0.5) 128 / 40 - 0.5 of a 128-pixel model input.
-  w = visualize._resample(40, 128, 8)  # pylint: disable=protected-access
+  w = concepts._resample(40, 128, 8)  # pylint: disable=protected-access
   np.testing.assert_allclose(w[5] @ np.arange(8), ((5 + 0.5) * 128 / 40 - 0.5) / 16)
   # Each frame is shown by the clip centred nearest it, at its place in it.
-  config = visualize.ml_collections.ConfigDict(
+  config = concepts.ml_collections.ConfigDict(
       dict(input=dict(num_frames=4, diff_wrap=True)))
   x = jnp.arange(10.0)[:, None, None, None] * jnp.ones((10, 2, 2, 3))
-  clips, chosen, offset = visualize.view_clips(x, "v", config)
+  clips, chosen, offset = concepts.view_clips(x, "v", config)
   assert clips.shape == (7, 4, 2, 2, 3)
   np.testing.assert_array_equal(clips[chosen, offset][:, 0, 0, 0], np.arange(10))
   assert all(abs(o - 1.5) <= 0.5 for o in offset[2:-2])  # centred away from the ends
-  d, _, _ = visualize.view_clips(x, "d", config)
+  d, _, _ = concepts.view_clips(x, "d", config)
   np.testing.assert_allclose(d[0, :, 0, 0, 0], [0 - 3, 1, 1, 1])  # wraps, as pretraining
-  s, chosen, offset = visualize.view_clips(x, "s", config)
+  s, chosen, offset = concepts.view_clips(x, "s", config)
   np.testing.assert_allclose(s[:, :, 0, 0, 0], np.repeat(np.arange(10.0)[:, None], 4, 1))
 
 
@@ -163,7 +164,7 @@ def _planted_attention(real):
     codes, attn = real(model, variables, clips)
     b, _, h, w, _ = clips.shape
     _, _, gh, gw, _ = attn.shape
-    sy, sx = visualize._stride(h, gh), visualize._stride(w, gw)  # pylint: disable=protected-access
+    sy, sx = concepts._stride(h, gh), concepts._stride(w, gw)  # pylint: disable=protected-access
     salient = jnp.abs(clips - jnp.mean(clips, axis=(2, 3), keepdims=True))
     energy = jnp.pad(jnp.mean(salient, axis=(1, 4)),
                      ((0, 0), (sy // 2, sy * gh - h + sy), (sx // 2, sx * gw - w + sx)))
@@ -177,8 +178,8 @@ def _planted_attention(real):
 @pytest.mark.parametrize("index", MOVING_VIDEOS)
 def test_a_concept_that_follows_motion_is_drawn_on_the_moving_object(
     tmp_path, workdir, monkeypatch, index):
-  monkeypatch.setattr(visualize, "concept_attention",
-                      _planted_attention(visualize.concept_attention))
+  monkeypatch.setattr(concepts, "concept_attention",
+                      _planted_attention(concepts.concept_attention))
   video = motion.make_video("test", index)
   np.save(tmp_path / "video.npy", video["video"])
   drawn = visualize.visualize(workdir, str(tmp_path / "video.npy"), str(tmp_path / "out"),
