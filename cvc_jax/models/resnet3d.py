@@ -66,7 +66,7 @@ _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 class BatchNorm(nn.Module):
   """BatchNorm over every axis but the last, as PyTorch's (eps 1e-5, momentum 0.1).
 
-  The variables, statistics and outputs of `nn.BatchNorm` (tests/test_benchmark.py
+  The variables, statistics and outputs of `nn.BatchNorm` (tests/test_speed_options.py
   compares them), with a hand-written backward pass in training mode: the
   gradient XLA derives from flax's forward pass reads and writes the
   activations more often (BatchNorm + ReLU forward and backward over R(2+1)D's
