@@ -438,6 +438,23 @@ def test_pipeline_benchmark_times_an_evaluation_pass_from_its_creation():
   assert wall <= 4 / 0.2
 
 
+def test_pipeline_benchmark_times_decode_frames_on_every_sample(monkeypatch):
+  from cvc_jax.benchmarks import input_pipeline as bench  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def decode_frames(encoded, indices, raw_size):
+    calls.append((encoded[0], tuple(indices), raw_size))
+    time.sleep(0.05)
+
+  monkeypatch.setattr(input_pipeline, "decode_frames", decode_frames)
+  samples = [([bytes([i])], np.arange(i, i + 3)) for i in range(6)]
+  wall, _ = bench._frames_rate(samples, (8, 12))  # pylint: disable=protected-access
+  # After one call per thread to warm up, every sample once into an 8 x 12 canvas.
+  timed = calls[-len(samples):]
+  assert sorted(timed) == [(bytes([i]), (i, i + 1, i + 2), (8, 12)) for i in range(6)]
+  assert wall <= 6 / 0.05 * (os.cpu_count() or 1)
+
+
 def test_pipeline_benchmark_times_the_frames_the_pipeline_decodes(data_dir):
   from cvc_jax.benchmarks import input_pipeline as bench  # pylint: disable=g-import-not-at-top
   # pylint: disable=protected-access
@@ -457,8 +474,8 @@ def test_pipeline_benchmark_times_the_frames_the_pipeline_decodes(data_dir):
     np.testing.assert_array_equal(np.unique(decoded, axis=0), np.unique(clip, axis=0))
   rates = bench.measure("synthetic_motion/tiny", str(data_dir), split="train",
                         eval_split="test", batch_size=4, batches=1, repeats=1)
-  assert rates.keys() == {f"{k}{cpu}" for k in ("pretrain", "pretrain_decode", "eval",
-                                                "eval_decode") for cpu in ("", "_cpu")}
+  assert rates.keys() == {f"{kind}{part}{cpu}" for kind in ("pretrain", "eval")
+                          for part in ("", "_decode", "_frames") for cpu in ("", "_cpu")}
   assert all(rate > 0 for rate in rates.values()), rates
   costs = bench.per_video_costs("synthetic_motion/tiny", str(data_dir), split="train",
                                 eval_split="test", videos=2, repeats=1)

@@ -8,7 +8,10 @@ random rate) and evaluation (ten clips of 16), each next to the rate at which
 the same frames, the same JPEG bytes, decode in the same run with nothing
 else to do: a pool of one thread per core calling the decoder the pipeline
 uses. The pipeline can only approach that rate; the ratio says what reading,
-parsing, sampling and batching cost on top. Each rate is given per wall-clock
+parsing, sampling and batching cost on top. Below each, "decode_frames alone"
+is the same pool calling `decode_frames` (decoding plus writing every sampled
+frame into a canvas), the part of that cost that the threads do in parallel
+and that grows with the frames written. Each rate is given per wall-clock
 second (divided by the cores) and per CPU-second this process used: on a
 machine shared with other jobs only the second is stable. (With
 `input.num_workers` the work leaves this process; the benchmark times the
@@ -104,13 +107,24 @@ def _decode_distinct(sample: tuple[list[bytes], np.ndarray]) -> None:
     ip._decode_jpeg(encoded[i])  # pylint: disable=protected-access
 
 
-def _decode_rate(samples: list[tuple[list[bytes], np.ndarray]]):
-  """(samples/s, samples per CPU second) decoding the samples' distinct
-  frames, one thread per core."""
+def _pool_rate(fn, samples: list[tuple[list[bytes], np.ndarray]]):
+  """(samples/s, samples per CPU second) of `fn(sample)` over the samples, one
+  thread per core."""
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-    list(pool.map(_decode_distinct, samples[:os.cpu_count()]))  # Warm up the threads.
-    n, wall, cpu = _timed(lambda: len(list(pool.map(_decode_distinct, samples))))
+    list(pool.map(fn, samples[:os.cpu_count()]))  # Warm up the threads.
+    n, wall, cpu = _timed(lambda: len(list(pool.map(fn, samples))))
   return n / wall, n / cpu
+
+
+def _decode_rate(samples: list[tuple[list[bytes], np.ndarray]]):
+  """`_pool_rate` of decoding the samples' distinct frames, bare."""
+  return _pool_rate(_decode_distinct, samples)
+
+
+def _frames_rate(samples: list[tuple[list[bytes], np.ndarray]], raw_size):
+  """`_pool_rate` of `decode_frames`: decoding plus writing every sampled frame
+  into a canvas of its own, the part of a batch the pipeline's threads share."""
+  return _pool_rate(lambda sample: ip.decode_frames(*sample, raw_size), samples)
 
 
 def _pretrain_samples(config, source, steps: range) -> list[tuple[list[bytes], np.ndarray]]:
@@ -139,7 +153,8 @@ def _eval_samples(config, source, count: int) -> list[tuple[list[bytes], np.ndar
 
 def measure(dataset: str, data_dir: str, *, split: str, eval_split: str,
             batch_size: int, batches: int, repeats: int) -> dict[str, float]:
-  """Samples/s of the pipeline and of raw decoding, pretraining and evaluation.
+  """Samples/s of the pipeline, of `decode_frames` alone and of raw decoding,
+  for pretraining and evaluation.
 
   Pretraining: `batches` batches in the stream's steady state; evaluation: one
   whole pass over `eval_split`. Each is timed `repeats` times, alternating, and
@@ -152,6 +167,7 @@ def measure(dataset: str, data_dir: str, *, split: str, eval_split: str,
   source = datasets.data_source(config, split)
   eval_source = datasets.data_source(config, eval_split)
   warmup = config.input.prefetch + 1
+  raw = sampling.raw_size(config)
   pretrain = _pretrain_samples(config, source, range(warmup, warmup + batches))
   evaluation = _eval_samples(config, eval_source, len(eval_source))
   results = {}
@@ -159,9 +175,11 @@ def measure(dataset: str, data_dir: str, *, split: str, eval_split: str,
     for key, rate in (
         ("pretrain", lambda: _steady_rate(ip.pretrain_batches(config), batches, warmup)),
         ("pretrain_decode", lambda: _decode_rate(pretrain)),
+        ("pretrain_frames", lambda: _frames_rate(pretrain, raw)),
         ("eval", lambda: _pass_rate(
             lambda: ip.eval_batches(config, split=eval_split, num_clips=NUM_CLIPS))),
-        ("eval_decode", lambda: _decode_rate(evaluation))):
+        ("eval_decode", lambda: _decode_rate(evaluation)),
+        ("eval_frames", lambda: _frames_rate(evaluation, raw))):
       wall, cpu = rate()
       results[key] = max(results.get(key, 0.0), wall)
       results[key + "_cpu"] = max(results.get(key + "_cpu", 0.0), cpu)
@@ -278,8 +296,11 @@ def main(argv):
   print(f"{'samples/s per core:':28}{'pipeline':>10}{'raw decode':>12}"
         f"{'ratio':>7}  | per CPU-second:{'pipeline':>10}{'raw decode':>12}"
         f"{'ratio':>7}")
-  rows = [("pretraining (2 x 16 frames)", r, "pretrain"),
-          ("evaluation (10 x 16 frames)", r, "eval")]
+  # (row, its rate's key in r, the raw decoding it is set against)
+  rows = [("pretraining (2 x 16 frames)", "pretrain", "pretrain_decode"),
+          ("  decode_frames alone", "pretrain_frames", "pretrain_decode"),
+          ("evaluation (10 x 16 frames)", "eval", "eval_decode"),
+          ("  decode_frames alone", "eval_frames", "eval_decode")]
   if FLAGS.tf_data:
     if not tf_data_dir:
       raise app.UsageError("--tf_data needs --tf_data_dir (or --fake_videos).")
@@ -287,12 +308,11 @@ def main(argv):
                                    batch_size=FLAGS.batch_size,
                                    batches=FLAGS.batches)
                       for _ in range(FLAGS.repeats)))
-    rows.append(("pretraining, tf.data", dict(
-        r, tf=max(wall), tf_cpu=max(cpu), tf_decode=r["pretrain_decode"],
-        tf_decode_cpu=r["pretrain_decode_cpu"]), "tf"))
-  for name, values, key in rows:
-    wall, raw = values[key] / cores, values[key + "_decode"] / cores
-    cpu, raw_cpu = values[key + "_cpu"], values[key + "_decode_cpu"]
+    r.update(tf=max(wall), tf_cpu=max(cpu))
+    rows.append(("pretraining, tf.data", "tf", "pretrain_decode"))
+  for name, key, decode in rows:
+    wall, raw = r[key] / cores, r[decode] / cores
+    cpu, raw_cpu = r[key + "_cpu"], r[decode + "_cpu"]
     print(f"{name:28}{wall:10.1f}{raw:12.1f}{wall / raw:7.0%}  | "
           f"{'':15}{cpu:10.1f}{raw_cpu:12.1f}{cpu / raw_cpu:7.0%}")
   costs = per_video_costs(dataset, data_dir, split=FLAGS.split,
