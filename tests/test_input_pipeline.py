@@ -1,6 +1,7 @@
 """The synthetic_motion builder and the pretraining input pipeline (SPEC section 1)."""
 
 import os
+import threading
 import time
 
 import ml_collections
@@ -438,11 +439,27 @@ def test_pipeline_benchmark_times_an_evaluation_pass_from_its_creation():
   assert wall <= 4 / 0.2
 
 
+def test_pipeline_benchmark_waits_for_the_last_streams_threads():
+  # A closed stream's threads finish their batches; the next measurement must
+  # not share the cores with them.
+  from cvc_jax.benchmarks import input_pipeline as bench  # pylint: disable=g-import-not-at-top
+  stop = time.perf_counter() + 1.0
+  worker = threading.Thread(target=lambda: [None for _ in iter(
+      lambda: time.perf_counter() < stop, False)])
+  worker.start()
+  bench._wait_until_idle()  # pylint: disable=protected-access
+  assert not worker.is_alive() and time.perf_counter() >= stop
+  start = time.perf_counter()
+  bench._wait_until_idle()  # pylint: disable=protected-access
+  assert time.perf_counter() - start < 1.0  # idle already: one look of 0.2 s
+
+
 def test_pipeline_benchmark_times_decode_frames_on_every_sample(monkeypatch):
   from cvc_jax.benchmarks import input_pipeline as bench  # pylint: disable=g-import-not-at-top
   calls = []
 
-  def decode_frames(encoded, indices, raw_size):
+  def decode_frames(encoded, indices, raw_size, out):
+    assert out.shape == (len(indices), *raw_size, 3)
     calls.append((encoded[0], tuple(indices), raw_size))
     time.sleep(0.05)
 

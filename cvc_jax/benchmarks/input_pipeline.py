@@ -33,6 +33,7 @@ import concurrent.futures
 import importlib
 import os
 import tempfile
+import threading
 import time
 
 from absl import app
@@ -76,6 +77,20 @@ def _timed(fn) -> tuple[int, float, float]:
   wall, cpu = time.perf_counter(), time.process_time()
   samples = fn()
   return samples, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _wait_until_idle(timeout: float = 30.0) -> None:
+  """Returns once this process has used under 5 % of a core for 0.2 s (or after
+  `timeout` seconds). A closed grain stream's threads finish the batches they
+  had started (about 0.1 s of two cores for pretraining here), and bare
+  decoding timed while they did ran at 0.65x its rate, so each measurement
+  waits for the last one's threads first."""
+  deadline = time.perf_counter() + timeout
+  while time.perf_counter() < deadline:
+    cpu = time.process_time()
+    time.sleep(0.2)
+    if time.process_time() - cpu < 0.01:
+      return
 
 
 def _steady_rate(iterator, batches: int, warmup: int):
@@ -123,8 +138,19 @@ def _decode_rate(samples: list[tuple[list[bytes], np.ndarray]]):
 
 def _frames_rate(samples: list[tuple[list[bytes], np.ndarray]], raw_size):
   """`_pool_rate` of `decode_frames`: decoding plus writing every sampled frame
-  into a canvas of its own, the part of a batch the pipeline's threads share."""
-  return _pool_rate(lambda sample: ip.decode_frames(*sample, raw_size), samples)
+  into the canvas, what the pipeline's threads do per sample. Each thread
+  writes into one canvas of its own, allocated before the timing (the pipeline
+  writes into its batch's array, allocated once per batch)."""
+  local = threading.local()
+  size = max(indices.size for _, indices in samples)
+
+  def fill(sample):
+    if not hasattr(local, "canvas"):
+      local.canvas = np.zeros((size, *raw_size, 3), np.uint8)
+    encoded, indices = sample
+    ip.decode_frames(encoded, indices, raw_size, out=local.canvas[:indices.size])
+
+  return _pool_rate(fill, samples)
 
 
 def _pretrain_samples(config, source, steps: range) -> list[tuple[list[bytes], np.ndarray]]:
@@ -180,6 +206,7 @@ def measure(dataset: str, data_dir: str, *, split: str, eval_split: str,
             lambda: ip.eval_batches(config, split=eval_split, num_clips=NUM_CLIPS))),
         ("eval_decode", lambda: _decode_rate(evaluation)),
         ("eval_frames", lambda: _frames_rate(evaluation, raw))):
+      _wait_until_idle()
       wall, cpu = rate()
       results[key] = max(results.get(key, 0.0), wall)
       results[key + "_cpu"] = max(results.get(key + "_cpu", 0.0), cpu)
@@ -209,6 +236,7 @@ def per_video_costs(dataset: str, data_dir: str, *, split: str, eval_split: str,
     n = len(samples)
 
     def best(fn):
+      _wait_until_idle()
       return 1e3 * min(_timed(fn)[1] for _ in range(repeats)) / n
 
     def bare():
@@ -304,10 +332,12 @@ def main(argv):
   if FLAGS.tf_data:
     if not tf_data_dir:
       raise app.UsageError("--tf_data needs --tf_data_dir (or --fake_videos).")
-    wall, cpu = zip(*(tf_data_rate(dataset, tf_data_dir, split=FLAGS.split,
-                                   batch_size=FLAGS.batch_size,
-                                   batches=FLAGS.batches)
-                      for _ in range(FLAGS.repeats)))
+    def tf_rate():
+      _wait_until_idle()
+      return tf_data_rate(dataset, tf_data_dir, split=FLAGS.split,
+                          batch_size=FLAGS.batch_size, batches=FLAGS.batches)
+
+    wall, cpu = zip(*(tf_rate() for _ in range(FLAGS.repeats)))
     r.update(tf=max(wall), tf_cpu=max(cpu))
     rows.append(("pretraining, tf.data", "tf", "pretrain_decode"))
   for name, key, decode in rows:
