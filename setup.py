@@ -30,7 +30,7 @@ EXTRAS = {
     # Running notebooks/cvc_jax_colab.ipynb locally (Colab has these).
     "notebooks": ["jupyter", "nbclient>=0.10,<0.12", "nbformat>=5.9,<6"],
     # tests/test_notebook.py executes the notebook headless.
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10,<0.12", "nbformat>=5.9,<6",
+    "test": ["pytest>=8", "pytest-xdist>=3.6.1", "nbclient>=0.10,<0.12", "nbformat>=5.9,<6",
              "ipykernel>=6.29,<8"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})

@@ -13,8 +13,9 @@ SPEC section 4 (queue in the Sinkhorn, L_loc in the total, prototypes free), the
 steady state of a run. Compilation is timed on its own, then each of `--steps`
 steps is timed between `block_until_ready`s.
 
-`benchmarks/torch_baseline.py` prints the same table for the PyTorch model;
-`cvc_jax.costs` counts both steps' FLOPs and holds the devices' peaks.
+`benchmarks/torch_baseline.py` prints the same table for the PyTorch model.
+`cvc_jax.costs` counts this step's FLOPs by torch's counting rule and holds
+the devices' peaks that both tables divide by.
 """
 
 import dataclasses

@@ -82,10 +82,12 @@ class Preemption:
     return self
 
   def __exit__(self, *exc_info):
-    self._manager.wait_until_finished()
-    # None: the previous handler was not Python's, and Python cannot put it back.
-    if self._own_handler and self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    try:
+      self._manager.wait_until_finished()
+    finally:  # a failed save must not leave our handler behind
+      # None: the previous handler was not Python's, and Python cannot put it back.
+      if self._own_handler and self._previous is not None:
+        signal.signal(signal.SIGTERM, self._previous)
 
   def _handle(self, signum, frame):
     del frame

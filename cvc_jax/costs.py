@@ -1,10 +1,11 @@
 """What a train step costs: its model FLOPs, the devices' peaks, compiled memory.
 
-The numerator and denominator of the MFU that `cvc_jax.benchmark` and
-`benchmarks/torch_baseline.py` print, and the memory `benchmark.largest_batch`
-fits batches by. FLOPs are counted from the step's jaxpr (`jaxpr_flops`) with
-torch's counting rule, so both frameworks share one numerator; `step_flops`
-counts any batch from shapes alone, on any host.
+What `cvc_jax.benchmark`'s MFU is made of: the step's FLOPs, counted from its
+jaxpr (`jaxpr_flops`) by the rule of `torch.utils.flop_counter`, with which
+`benchmarks/torch_baseline.py` counts the PyTorch step, and the device's peak
+(`peak_tflops`), which both tables divide by. `step_flops` counts any batch
+from shapes alone, on any host; `compiled_bytes` is the memory
+`benchmark.largest_batch` fits batches by.
 """
 
 import math
@@ -137,7 +138,8 @@ def step_flops(config) -> float:
   """`jaxpr_flops` of one train step of `config`, traced from shapes alone (nothing
   is allocated or compiled): what `benchmark`'s MFU counts, for any batch."""
   config = model_work(config)
-  return jaxpr_flops(jax.make_jaxpr(pretrain.frames_train_step(config, 1))(*abstract_inputs(config)))
+  step = pretrain.frames_train_step(config, 1)
+  return jaxpr_flops(jax.make_jaxpr(step)(*abstract_inputs(config)))
 
 
 def compiled_bytes(compiled) -> int:

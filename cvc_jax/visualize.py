@@ -74,7 +74,7 @@ def visualize(init_from: str, video: str, out: str, *, num_concepts: int = 3,
   config, models, variables = concepts.load(init_from, step)
   frames = read_video(video, max_frames)
   found = concepts.concepts_of(config, models, variables, frames, path=path,
-                      short_side=short_side, stride=stride)
+                               short_side=short_side, stride=stride)
   k = config.model.num_concepts
   drawn, columns = {}, []
   for name, (ids, codes, maps) in found.items():
@@ -108,8 +108,9 @@ def main(argv):
       print(f"Wrote {path}")
   if f.dataset:
     config, models, variables = concepts.load(f.init_from, f.step)
-    usage = concepts.concept_usage(config, models, variables, dataset=f.dataset, split=f.split,
-                          data_dir=f.data_dir, path=f.path, num_clips=f.num_clips)
+    usage = concepts.concept_usage(config, models, variables, dataset=f.dataset,
+                                   split=f.split, data_dir=f.data_dir, path=f.path,
+                                   num_clips=f.num_clips)
     for path in pictures.write_histogram(f.out, usage,
                                          f"{f.dataset} {f.split}: {f.init_from}"):
       print(f"Wrote {path}")

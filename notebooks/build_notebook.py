@@ -152,7 +152,6 @@ test videos. The same as `python -m cvc_jax.visualize --init_from=WORKDIR
 CONCEPTS = """\
 import numpy as np
 from IPython.display import Image
-from cvc_jax import concepts
 from cvc_jax import visualize
 from tfds_builders.synthetic_motion import synthetic_motion_dataset_builder as motion
 
@@ -165,11 +164,12 @@ display(Image(filename=os.path.join(picture_dir, "concepts.png"), width=700))
 display(Image(filename=os.path.join(picture_dir, "concepts.gif"), width=700))"""
 
 HISTOGRAM = """\
+from cvc_jax import concepts
 from cvc_jax import pictures
 
 cvc_config, models, variables = concepts.load(WORKDIR)
 usage = concepts.concept_usage(cvc_config, models, variables, dataset=DATASET,
-                                split="test", data_dir=DATA_DIR, num_clips=NUM_CLIPS)
+                               split="test", data_dir=DATA_DIR, num_clips=NUM_CLIPS)
 png, _ = pictures.write_histogram(picture_dir, usage, f"{DATASET} test")
 display(Image(filename=png))"""
 

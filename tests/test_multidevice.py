@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -44,10 +45,37 @@ def _error_lines(log: str) -> str:
                    if not line.startswith(("Extension modules", "I0000", "W0000")))[-6000:]
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
+def _bound_port(port: int) -> int | None:
+  """`port` (0: the kernel's choice) if a socket can bind it on every address,
+  as the coordinator binds (`[::]`, dual-stack; IPv4 where there is no IPv6)."""
+  try:
+    s = socket.socket(socket.AF_INET6)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    address = "::"
+  except OSError:
+    s, address = socket.socket(), "0.0.0.0"
+  with s:
+    try:
+      s.bind((address, port))
+    except OSError:
+      return None
     return s.getsockname()[1]
+
+
+def _free_port() -> int:
+  """A port nothing is bound to, below the kernel's ephemeral range where one
+  is known: the processes' own outgoing connections take their ports from that
+  range, and one could take the coordinator's between this check and its bind."""
+  try:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+      ephemeral_low = int(f.read().split()[0])
+  except (OSError, ValueError, IndexError):  # not Linux: the kernel's choice
+    ephemeral_low = 0
+  below = range(10000, ephemeral_low)
+  for port in random.sample(below, min(100, len(below))) + [0]:
+    if (bound := _bound_port(port)) is not None:
+      return bound
+  raise OSError("No free port for the coordinator.")
 
 
 def test_two_processes_of_4_devices_equal_one_process_of_8(tmp_path):

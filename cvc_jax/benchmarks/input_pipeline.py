@@ -16,7 +16,8 @@ second (divided by the cores) and per CPU-second this process used: on a
 machine shared with other jobs only the second is stable. (With
 `input.num_workers` the work leaves this process; the benchmark times the
 default, threads.) Pretraining is timed in the stream's steady state, past
-its prefetching; evaluation over one whole pass of its split. Then, per video
+its prefetching; evaluation over one whole pass of its split; each
+measurement starts once the last one's threads are done. Then, per video
 and in one thread, what the pipeline does beside decoding: reading and parsing
 the record, and writing the sampled frames into the canvas (`decode_frames`
 against bare decoding).
@@ -80,17 +81,18 @@ def _timed(fn) -> tuple[int, float, float]:
 
 
 def _wait_until_idle(timeout: float = 30.0) -> None:
-  """Returns once this process has used under 5 % of a core for 0.2 s (or after
-  `timeout` seconds). A closed grain stream's threads finish the batches they
-  had started (about 0.1 s of two cores for pretraining here), and bare
-  decoding timed while they did ran at 0.65x its rate, so each measurement
-  waits for the last one's threads first."""
+  """Returns once this process has used under 5 % of a core for 0.2 s, or warns
+  after `timeout` seconds. A closed grain stream's threads finish the batches
+  they had started, and bare decoding timed while they did ran at 0.6-0.7x its
+  rate here, so each measurement waits for the last one's threads first."""
   deadline = time.perf_counter() + timeout
   while time.perf_counter() < deadline:
     cpu = time.process_time()
     time.sleep(0.2)
     if time.process_time() - cpu < 0.01:
       return
+  logging.warning("This process stayed busy for %.0f s before a measurement; "
+                  "it is timed sharing the cores.", timeout)
 
 
 def _steady_rate(iterator, batches: int, warmup: int):
@@ -139,8 +141,9 @@ def _decode_rate(samples: list[tuple[list[bytes], np.ndarray]]):
 def _frames_rate(samples: list[tuple[list[bytes], np.ndarray]], raw_size):
   """`_pool_rate` of `decode_frames`: decoding plus writing every sampled frame
   into the canvas, what the pipeline's threads do per sample. Each thread
-  writes into one canvas of its own, allocated before the timing (the pipeline
-  writes into its batch's array, allocated once per batch)."""
+  writes into one canvas of its own, allocated and written on its first call
+  (the warm-up's, in practice; the pipeline writes into its batch's array,
+  allocated once per batch)."""
   local = threading.local()
   size = max(indices.size for _, indices in samples)
 
@@ -185,7 +188,8 @@ def measure(dataset: str, data_dir: str, *, split: str, eval_split: str,
   Pretraining: `batches` batches in the stream's steady state; evaluation: one
   whole pass over `eval_split`. Each is timed `repeats` times, alternating, and
   the best time kept: on a shared machine the fastest run is the one least
-  disturbed by others.
+  disturbed by others. Each starts once the process is idle
+  (`_wait_until_idle`).
   """
   config = _config(dataset, data_dir, batch_size)
   config.input.split = split
@@ -223,8 +227,8 @@ def per_video_costs(dataset: str, data_dir: str, *, split: str, eval_split: str,
   sampling) and evaluation (`eval_split`), over `videos` videos: reading and
   parsing the record, decoding its distinct sampled frames bare, and
   `decode_frames` of the same (decoding plus writing every sampled frame into
-  the canvas). Each the best of `repeats` (reading varied 4x between passes
-  here)."""
+  the canvas, a new one for each video, as `decode_frames` makes without
+  `out`). Each the best of `repeats` (reading varied 4x between passes here)."""
   config = _config(dataset, data_dir, videos)
   raw = sampling.raw_size(config)
   out = {}
@@ -332,6 +336,7 @@ def main(argv):
   if FLAGS.tf_data:
     if not tf_data_dir:
       raise app.UsageError("--tf_data needs --tf_data_dir (or --fake_videos).")
+
     def tf_rate():
       _wait_until_idle()
       return tf_data_rate(dataset, tf_data_dir, split=FLAGS.split,
