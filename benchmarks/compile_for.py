@@ -3,7 +3,7 @@ r"""The train step compiled for an accelerator this machine lacks: memory and tr
     # a GPU: jax's CUDA plugin at jax's version (4.9 GB with CUDA's libraries), once
     pip install "jax-cuda12-plugin[with-cuda]==$JAX" "jax-cuda12-pjrt==$JAX"
     python benchmarks/compile_for.py --config=configs/ucf101.py --config.dtype=bfloat16 \
-        --target=h100 --remats=none,dots,blocks [--json=FILE] [--hlo_dir=DIR]
+        --target=h100 --remats=none,dots,blocks [--json=FILE] [--hlo_dir=DIR]  # or h200
     # a TPU slice: the libtpu that jax[tpu] pins ("pip install jax[tpu]==$JAX" says)
     python benchmarks/compile_for.py --config=configs/ucf101.py --config.dtype=bfloat16 \
         --target=tpu:v5e:2x2
@@ -95,7 +95,25 @@ dnn_version_info { major: 9 minor: 8 }
 runtime_version { major: 12 minor: 9 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
-TARGETS = {"h100": (H100_SXM, 75.2)}  # name: (GpuTargetConfig text, memory limit GiB)
+# An H200 (141GB HBM3e): the H100 SXM's SMs, caches and clock (NVIDIA's
+# datasheets), the memory session 8's card reported (143771 MiB) and its rated
+# 4.8 TB/s. Its allocator's limit: 132.8 GiB, from session 8's stage 4 on the
+# card, which filled "119.53 GiB (90 % of the allocator's limit)".
+def _changed(text: str, *changes: tuple[str, str]) -> str:
+  """`text` with each (old, new) replaced once; an old it lacks is an error."""
+  for old, new in changes:
+    if text.count(old) != 1:
+      raise ValueError(f"{old!r} is not in the text exactly once.")
+    text = text.replace(old, new)
+  return text
+
+
+H200 = _changed(H100_SXM,
+                ("memory_bandwidth: 3352320000000", "memory_bandwidth: 4800000000000"),
+                ("device_memory_size: 85520809984", "device_memory_size: 150754820096"),
+                ('"NVIDIA H100 80GB HBM3"', '"NVIDIA H200"'))
+# name: (GpuTargetConfig text, memory limit GiB)
+TARGETS = {"h100": (H100_SXM, 75.2), "h200": (H200, 132.8)}
 # HBM per chip in GiB (Google Cloud's TPU system-architecture pages), the memory
 # limit of a TPU target, by its lower-cased device_kind, first match wins. A v4
 # topology compiled without a device has one device per TensorCore, half a chip,

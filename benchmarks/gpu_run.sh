@@ -232,7 +232,8 @@ python3 -c "import torchvision" 2>/dev/null || ENCODER=--encoder=ours
 #    two probe compilations (not timed apart on a card: stage 4's 298 s on an H100
 #    held them, the 157 s compilation of the batch found and the timing): the batch that
 #    `benchmarks/compile_for.py` found by compiling for the card on a machine without
-#    it (an H100 SXM: 40, and 72 with remat=dots; benchmarks/RESULTS.md).
+#    it (an H100 SXM: 40, and 72 with remat=dots; an H200: 80, and 128 with
+#    remat=dots; benchmarks/RESULTS.md).
 FIT_XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=${FIT_AUTOTUNE:-3}"
 fit_flags() {  # fit_flags [N]: fit_batch.py's batch flags, batch N alone if given
   if [[ -n "${1:-}" ]]; then echo "--min_batch=$1 --max_batch=$1 $LIMIT"; else echo "$FIT"; fi

@@ -319,6 +319,21 @@ def test_largest_batch_extrapolates_from_two_probes_and_steps_down():
   assert batch == 16 and calls == [(16, False)] and "over 4.0 GiB" in how
 
 
+def test_compile_for_describes_an_h200_as_an_h100_with_its_memory():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import compile_for  # pylint: disable=g-import-not-at-top
+  h100, h200 = (compile_for.TARGETS[k][0].splitlines() for k in ("h100", "h200"))
+  changed = {(a.strip(), b.strip()) for a, b in zip(h100, h200) if a != b}
+  assert len(h100) == len(h200) and changed == {
+      ("memory_bandwidth: 3352320000000", "memory_bandwidth: 4800000000000"),
+      ("device_memory_size: 85520809984", "device_memory_size: 150754820096"),
+      ('device_description_str: "NVIDIA H100 80GB HBM3"',
+       'device_description_str: "NVIDIA H200"')}
+  assert compile_for.TARGETS["h200"][1] == pytest.approx(119.53 / 0.9, abs=0.05)
+  with pytest.raises(ValueError, match="exactly once"):
+    compile_for._changed("core_count: 132", ("core_count: 144", "x"))  # pylint: disable=protected-access
+
+
 def test_compile_for_compiles_the_step_for_a_device_from_shapes(monkeypatch):
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   import compile_for  # pylint: disable=g-import-not-at-top
