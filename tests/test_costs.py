@@ -8,6 +8,22 @@ from cvc_jax import costs
 from cvc_jax import pretrain
 
 
+def test_peaks_by_device_kind():
+  assert costs.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+  assert costs.peak_tflops("NVIDIA H100 80GB HBM3", "float32") == 67.0
+  assert costs.peak_tflops("NVIDIA H200", "bfloat16") == 989.0  # the H100 SXM's compute
+  assert costs.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+  assert costs.peak_tflops("NVIDIA A100-SXM4-80GB", "float32") == 19.5
+  assert costs.peak_tflops("TPU v5 lite", "bfloat16") == 197.0
+  assert costs.peak_tflops("TPU v5", "bfloat16") == 459.0
+  assert costs.peak_tflops("TPU v4", "float32") == 275.0
+  assert costs.peak_tflops("TPU v6 lite", "bfloat16") == 918.0
+  assert costs.peak_tflops("cpu", "float32") is None
+  assert costs.peak_tflops("NVIDIA H100 NVL", "bfloat16") is None  # not the SXM's
+  assert costs.peak_tflops("NVIDIA H200 NVL", "bfloat16") is None
+  assert costs.peak_tflops("TPU v4 lite", "bfloat16") is None
+
+
 def test_speed_options_count_only_the_model_flops():
   config = reference.get_config("runlocal")
   config.model.encoder.conv_impl = "3d"
