@@ -60,6 +60,7 @@ from cvc_jax import benchmark
 from cvc_jax import costs
 from cvc_jax import models
 from cvc_jax import parallel
+from cvc_jax import pretrain
 from cvc_jax.models import convolutions
 from cvc_jax.models import resnet3d
 import hlo_reading  # pylint: disable=g-bad-import-order
@@ -95,10 +96,6 @@ dnn_version_info { major: 9 minor: 8 }
 runtime_version { major: 12 minor: 9 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
-# An H200 (141GB HBM3e): the H100 SXM's SMs, caches and clock (NVIDIA's
-# datasheets), the memory session 8's card reported (143771 MiB) and its rated
-# 4.8 TB/s. Its allocator's limit: 132.8 GiB, from session 8's stage 4 on the
-# card, which filled "119.53 GiB (90 % of the allocator's limit)".
 def _changed(text: str, *changes: tuple[str, str]) -> str:
   """`text` with each (old, new) replaced once; an old it lacks is an error."""
   for old, new in changes:
@@ -108,6 +105,10 @@ def _changed(text: str, *changes: tuple[str, str]) -> str:
   return text
 
 
+# An H200 (141GB HBM3e): the H100 SXM's SMs, caches and clock (NVIDIA's
+# datasheets), the memory session 8's card reported (143771 MiB) and its rated
+# 4.8 TB/s. Its allocator's limit: 132.8 GiB, from session 8's stage 4 on the
+# card, which filled "119.53 GiB (90 % of the allocator's limit)".
 H200 = _changed(H100_SXM,
                 ("memory_bandwidth: 3352320000000", "memory_bandwidth: 4800000000000"),
                 ("device_memory_size: 85520809984", "device_memory_size: 150754820096"),
@@ -201,7 +202,7 @@ def compile_step(config, devices):
   options `TrainStep` uses on such a device and autotuning off (it needs the
   card): (compiled, seconds)."""
   mesh = parallel.data_mesh(config.batch_size, devices)
-  step = benchmark.jitted_step(config, mesh)
+  step = pretrain.jitted_train_step(config, 1, mesh)
   args = costs.abstract_inputs(config, *parallel.shardings(mesh))
   options = dict(models.conv_compiler_options(config.dtype, devices[0]) or {})
   if devices[0].platform == "gpu":

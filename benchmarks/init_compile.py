@@ -58,7 +58,7 @@ def main(argv):
     print(f"create_train_state, level {level}: compile {seconds:.1f} s, "
           "%d of %d arrays bitwise as level %s" % (*_same(arrays, first), _LEVELS.value[0]))
 
-  shape = (1,) + pretrain.views_shape_of(config)[1:]
+  shape = pretrain.views_shape_of(config, batch=1)
   start = time.perf_counter()
   eager = jax.block_until_ready(pretrain.initial_variables(config, rng, shape))
   eager_s = time.perf_counter() - start

@@ -29,7 +29,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-from jax.sharding import Mesh
 import numpy as np
 from ml_collections import config_flags
 
@@ -42,7 +41,7 @@ from cvc_jax import sampling
 from cvc_jax.models import convolutions
 from cvc_jax.models import resnet3d
 
-CLIPS_PER_VIDEO = 6  # v1 v2 s1 s2 d1 d2
+CLIPS_PER_VIDEO = pretrain.NUM_VIEWS  # v1 v2 s1 s2 d1 d2
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines this program's flags; called by entry points only, so that importing
@@ -164,15 +163,6 @@ def _memory(device) -> tuple[int | None, str]:
   return int(rss), "process peak RSS, host"
 
 
-def jitted_step(config, mesh: Mesh, steps_per_epoch: int = 1):
-  """The step as `TrainStep` compiles it, placed by `parallel.shardings`, the state
-  donated."""
-  replicated, batch_sharding = parallel.shardings(mesh)
-  return jax.jit(pretrain.frames_train_step(config, steps_per_epoch), donate_argnums=(0,),
-                 in_shardings=(replicated, batch_sharding, replicated),
-                 out_shardings=(replicated, replicated))
-
-
 def largest_batch(need, *, min_batch: int, max_batch: int, multiple: int,
                   limit: float, log=print) -> tuple[int, int, str]:
   """The largest batch whose step needs at most `limit` bytes: (batch, its bytes,
@@ -249,7 +239,7 @@ class TrainStep:
         "sizes": jax.device_put(np.tile(np.int32([h, w]), (b, 1)), batch_sharding)}
     self.rng = jax.device_put(jax.random.key(config.seed + 1), replicated)
 
-    p_step = jitted_step(config, mesh, steps_per_epoch)
+    p_step = pretrain.jitted_train_step(config, steps_per_epoch, mesh)
     log(f"Compiling the step: {b} videos on {len(self.devices)} x "
         f"{self.devices[0].device_kind}.")
     start = time.perf_counter()

@@ -16,6 +16,19 @@ def abstract(tree):
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def checkpoint_manager(workdir: str, *, max_to_keep: int,
+                       save_interval_steps: int) -> ocp.CheckpointManager:
+  """The training loops' checkpoint manager, over `workdir/checkpoints`: saves
+  every `save_interval_steps` (and when forced), keeps the newest `max_to_keep`,
+  and clears the temporary folders of saves cut short. Close it (a `with`): it
+  stops orbax's asynchronous machinery, which complains at exit otherwise."""
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+          cleanup_tmp_directories=True))
+
+
 def restore(manager: ocp.CheckpointManager, step: int, target):
   """Checkpoint `step` restored into the shapes, dtypes and shardings of `target`.
 

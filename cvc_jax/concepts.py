@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from cvc_jax import pretrain
+from cvc_jax import views
 from cvc_jax.models import cvc
 from cvc_jax.models import exported
 from cvc_jax.models import heads
@@ -156,15 +157,6 @@ def clip_starts(num_frames: int, clip_length: int, stride: int) -> np.ndarray:
   return np.unique(np.append(np.arange(0, last + 1, max(stride, 1)), last))
 
 
-def frame_differences(clips: jax.Array, config) -> jax.Array:
-  """The d view of clips [M, T, ...]: v - roll(v, 1) or, without
-  `input.diff_wrap`, zero then consecutive differences (SPEC 1)."""
-  if config.input.diff_wrap:
-    return clips - jnp.roll(clips, 1, axis=1)
-  return jnp.concatenate([jnp.zeros_like(clips[:, :1]), clips[:, 1:] - clips[:, :-1]],
-                         axis=1)
-
-
 def view_clips(x: jax.Array, kind: str, config, stride: int = 1):
   """One kind of view's clips over a video, and which clip shows each frame.
 
@@ -191,7 +183,7 @@ def view_clips(x: jax.Array, kind: str, config, stride: int = 1):
   starts, chosen = frame_clips(n, t, stride)
   clips = x[index[starts[:, None] + np.arange(t)]]
   if kind == "d":
-    clips = frame_differences(clips, config)
+    clips = views.frame_differences(clips, config)
   return clips, chosen, np.arange(n) - starts[chosen]
 
 
@@ -329,7 +321,7 @@ def clip_codes(config, models, path: str = "kinds"):
       return concept_attention(models["v"], variables, clips)[0]
     still = jnp.broadcast_to(clips[:, t // 2:t // 2 + 1], clips.shape)
     static = concept_attention(models["s"], variables, still)[0][:, :k]
-    moving = frame_differences(clips, config)
+    moving = views.frame_differences(clips, config)
     dynamic = concept_attention(models["d"], variables, moving)[0][:, k:]
     return jnp.concatenate([static, dynamic], axis=-1)
 

@@ -29,6 +29,7 @@ from cvc_jax.models import cvc
 TERMS = ("I_vv", "I_vs", "I_vd", "align_s", "align_d", "entropy_s", "entropy_d",
          "rec_v", "rec_s", "rec_d", "loc_v", "loc_s", "loc_d")
 # Views per concept kind: static concepts align v1 v2 s1 s2, dynamic v1 v2 d1 d2.
+NUM_VIEWS = 6  # v1 v2 s1 s2 d1 d2: the clips a video gives each step
 STATIC_VIEWS = np.array([0, 1, 2, 3])
 DYNAMIC_VIEWS = np.array([0, 1, 4, 5])
 
@@ -285,10 +286,11 @@ def batch_shapes(config, sharding: NamedSharding | None = None) -> dict[str, Any
           "sizes": jax.ShapeDtypeStruct((b, 2), jnp.int32, sharding=sharding)}
 
 
-def views_shape_of(config) -> tuple[int, ...]:
-  """The shape of a batch's six views (v1 v2 s1 s2 d1 d2): [B, 6, T, S, S, 3]."""
+def views_shape_of(config, batch: int | None = None) -> tuple[int, ...]:
+  """The shape of a batch's six views (v1 v2 s1 s2 d1 d2): [B, 6, T, S, S, 3], B
+  `batch` or else `config.batch_size`."""
   t, s = config.input.num_frames, config.input.crop_size
-  return (config.batch_size, 6, t, s, s, 3)
+  return (batch or config.batch_size, NUM_VIEWS, t, s, s, 3)
 
 
 def frames_train_step(config, steps_per_epoch: int):
@@ -302,6 +304,15 @@ def frames_train_step(config, steps_per_epoch: int):
     return train_step(state, views, config, steps_per_epoch)
 
   return step_fn
+
+
+def jitted_train_step(config, steps_per_epoch: int, mesh, compiler_options=None):
+  """`frames_train_step` jitted on `mesh` as pretraining runs it: the state and key
+  replicated, the batch split over `data`, the state donated."""
+  replicated, batch_sharding = parallel.shardings(mesh)
+  return jax.jit(frames_train_step(config, steps_per_epoch), donate_argnums=(0,),
+                 in_shardings=(replicated, batch_sharding, replicated),
+                 out_shardings=(replicated, replicated), compiler_options=compiler_options)
 
 
 def _checkpoint_tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
@@ -349,12 +360,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   # back; the manager closed (it stops orbax's asynchronous machinery, which
   # complains at exit otherwise).
   with contextlib.ExitStack() as stack:
-    manager = stack.enter_context(ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.get("keep_checkpoints", 3),
-            save_interval_steps=config.checkpoint_every_steps,
-            cleanup_tmp_directories=True)))
+    manager = stack.enter_context(checkpointing.checkpoint_manager(
+        workdir, max_to_keep=config.get("keep_checkpoints", 3),
+        save_interval_steps=config.checkpoint_every_steps))
     # Resume: the newest checkpoint orbax finalised (a save cut short is never
     # listed). Restored in place of the fresh state: step, params, batch_stats,
     # opt_state, queue, then the base PRNG key; the data position follows the step.
@@ -371,10 +379,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
 
-    p_step = jax.jit(frames_train_step(config, steps_per_epoch), donate_argnums=(0,),
-                     in_shardings=(replicated, batch_sharding, replicated),
-                     out_shardings=(replicated, replicated),
-                     compiler_options=models.conv_compiler_options(config.dtype))
+    p_step = jitted_train_step(config, steps_per_epoch, mesh,
+                               models.conv_compiler_options(config.dtype))
     if start_step < total_steps:
       p_step = parallel.compiled_together(
           p_step, state, batch_shapes(config, batch_sharding), rng, name="train step")
@@ -402,7 +408,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         elapsed, timer = time.perf_counter() - timer, time.perf_counter()
         scalars = {k: float(v) for k, v in metrics.items() if k != "finite"}
         scalars.update(lr=float(schedule(step)), steps_per_sec=log_every / elapsed,
-                       clips_per_sec=log_every * config.batch_size * 6 / elapsed)
+                       clips_per_sec=log_every * config.batch_size * NUM_VIEWS / elapsed)
         writer.write_scalars(step + 1, scalars)
       preempted = preemption.reached(step + 1)
       if preempted or step + 1 == total_steps or manager.should_save(step + 1):

@@ -165,11 +165,17 @@ def _video_views(frames, size, key, *, config):
   s = jnp.broadcast_to(augment(stills, clip_keys[2:], *geometry_keys, repeat=repeat),
                        v.shape)
 
+  return jnp.concatenate([v, s, frame_differences(v, config)], axis=0)
+
+
+def frame_differences(clips: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
+  """The d view of clips [M, T, ...] (SPEC 1): with `input.diff_wrap`, v -
+  roll(v, 1), the reference's (frame 0 minus frame T-1); else zero, then the
+  consecutive differences."""
   if config.input.diff_wrap:
-    d = v - jnp.roll(v, 1, axis=1)  # the reference's: frame 0 minus frame T-1
-  else:
-    d = jnp.concatenate([jnp.zeros_like(v[:, :1]), v[:, 1:] - v[:, :-1]], axis=1)
-  return jnp.concatenate([v, s, d], axis=0)
+    return clips - jnp.roll(clips, 1, axis=1)
+  return jnp.concatenate([jnp.zeros_like(clips[:, :1]), clips[:, 1:] - clips[:, :-1]],
+                         axis=1)
 
 
 # Slots of the one vector of uniforms that parameterises a clip's augmentation:

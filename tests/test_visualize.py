@@ -142,7 +142,7 @@ def test_resample_and_clip_choice():
   w = concepts._resample(40, 128, 8)  # pylint: disable=protected-access
   np.testing.assert_allclose(w[5] @ np.arange(8), ((5 + 0.5) * 128 / 40 - 0.5) / 16)
   # Each frame is shown by the clip centred nearest it, at its place in it.
-  config = concepts.ml_collections.ConfigDict(
+  config = ml_collections.ConfigDict(
       dict(input=dict(num_frames=4, diff_wrap=True)))
   x = jnp.arange(10.0)[:, None, None, None] * jnp.ones((10, 2, 2, 3))
   clips, chosen, offset = concepts.view_clips(x, "v", config)

@@ -144,11 +144,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # pretrain.train_and_evaluate): metrics flushed, the last save awaited before
   # SIGTERM's handler is given back, the manager closed.
   with contextlib.ExitStack() as stack:
-    manager = stack.enter_context(ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=2, save_interval_steps=config.checkpoint_every_steps,
-            cleanup_tmp_directories=True)))
+    manager = stack.enter_context(checkpointing.checkpoint_manager(
+        workdir, max_to_keep=2, save_interval_steps=config.checkpoint_every_steps))
     start_step = 0
     if manager.latest_step() is not None:
       _check_same_run(config, workdir)

@@ -25,11 +25,10 @@ def initial_encoder(config) -> dict:
   pretraining changed and not the luck of another draw (a different random draw
   moved the dynamic probe by 11 points).
   """
-  t, s = config.input.num_frames, config.input.crop_size
   # Compiled as pretraining's is: run op by op, 20 of the demo's convolution
   # kernels came out 1 ulp apart.
   initial = models.jit_init(lambda rng: pretrain.initial_variables(
-      config, rng, (1, 6, t, s, s, 3)))(jax.random.key(config.seed))
+      config, rng, pretrain.views_shape_of(config, batch=1)))(jax.random.key(config.seed))
   return {c: initial[c]["backbone"] for c in ("params", "batch_stats")}
 
 
