@@ -61,7 +61,7 @@ class ViewConcepts(cvc.CVCModel):
     templates = proto.variables["params"]["kernel"].T
     templates = {"v": templates, "s": templates[:k], "d": templates[k:]}[self.kind]
     tokens = fmap.reshape((fmap.shape[0], -1, fmap.shape[-1]))
-    lit = heads.LocalConceptAggregation(self.sigma_dim, dtype=self.dtype, name="lit")
+    lit = heads.LocalConceptAggregation(self.concept_dim, dtype=self.dtype, name="lit")
     return codes.astype(jnp.float32), lit(tokens, templates.astype(self.dtype))
 
 
@@ -100,7 +100,7 @@ def concept_attention(model: ViewConcepts, variables, clips):
   q = inter["lit"]["project_q"]["__call__"][0]  # [B, C, dim]
   k = inter["lit"]["project_k"]["__call__"][0]  # [B, N, dim]
   fmap = next(inter[e]["__call__"][0][1] for e in cvc.ENCODERS if e in inter)
-  attn = heads.concept_attention(q, k, model.sigma_dim)  # the module's own
+  attn = heads.concept_attention(q, k, model.concept_dim)  # the module's own
   return codes, attn.reshape(fmap.shape[:4] + (attn.shape[-1],))
 
 

@@ -151,8 +151,8 @@ def _video_views(frames, size, key, *, config):
 
   # The reference augments the T copies of frame j with consistent parameters, so
   # they stay identical: augmenting the one frame and repeating it is the same.
-  # Not with gray='channel', which picks a channel per frame: there the copies
-  # are cut once and repeated before the colour steps.
+  # Not with gray='channel' (and gray_prob > 0), which picks a channel per
+  # frame: there the copies are cut once and repeated before the colour steps.
   stills = jnp.stack([frames[j], frames[t + j]])[:, None]
   static_crop = config.input.static_crop
   if static_crop not in ("own", "clip"):
@@ -161,7 +161,7 @@ def _video_views(frames, size, key, *, config):
                      "of the RGB clip the frame comes from).")
   # 'clip': s_i's crop and flip are drawn from v_i's key, so they are v_i's.
   geometry_keys = (clip_keys[:2],) if static_crop == "clip" else ()
-  repeat = t if config.input.get("gray", "luma") == "channel" else 1
+  repeat = t if _gray_kind(config) == "channel" and config.input.gray_prob > 0 else 1
   s = jnp.broadcast_to(augment(stills, clip_keys[2:], *geometry_keys, repeat=repeat),
                        v.shape)
 
@@ -209,8 +209,9 @@ def _augment_clip(clip, key, geometry_key=None, *, size, config, repeat=1):
 
   # 2) Grayscale before the jitter, as in the authors' pipeline: for the whole
   #    clip or not at all.
-  gray = u[_GRAY] < inp.gray_prob
-  x = jnp.where(gray, _grayscale(x, jax.random.fold_in(key, 1), inp.get("gray", "luma")), x)
+  if inp.gray_prob > 0:
+    grey = _grayscale(x, jax.random.fold_in(key, 1), _gray_kind(config))
+    x = jnp.where(u[_GRAY] < inp.gray_prob, grey, x)
 
   # 3) Colour jitter.
   if inp.jitter_prob > 0 and any(inp.jitter):
@@ -226,6 +227,15 @@ def _augment_clip(clip, key, geometry_key=None, *, size, config, repeat=1):
   return normalize(x, config)
 
 
+def _gray_kind(config) -> str:
+  """`config.input.gray`, checked: named even where gray_prob = 0 never uses it."""
+  kind = config.input.get("gray", "luma")
+  if kind not in ("luma", "channel"):
+    raise ValueError(f"config.input.gray={kind!r}: use 'luma' (ITU-R 601, SPEC 1) or "
+                     "'channel' (one random RGB channel per frame, the authors' code).")
+  return kind
+
+
 def _grayscale(x, key, kind):
   """x [T, S, S, 3] in grey, three equal channels.
 
@@ -235,15 +245,13 @@ def _grayscale(x, key, kind):
   """
   if kind == "luma":
     return pix.rgb_to_grayscale(x, keep_dims=True)
-  if kind == "channel":
-    # A weighted sum with one-hot weights, as luma is one with fixed weights: a
-    # gather (take_along_axis) here made the reference step on XLA's CPU about
-    # 0.4 s slower at batch 2 (RESULTS.md, session 15), the views alone 0.06 s.
-    weights = jax.nn.one_hot(jax.random.randint(key, (x.shape[0],), 0, 3), 3)
-    grey = jnp.sum(x * weights[:, None, None, :], axis=-1, keepdims=True)
-    return jnp.broadcast_to(grey, x.shape)
-  raise ValueError(f"config.input.gray={kind!r}: use 'luma' (ITU-R 601, SPEC 1) or "
-                   "'channel' (one random RGB channel per frame, the authors' code).")
+  # 'channel'. A weighted sum with one-hot weights, as luma is one with fixed
+  # weights: a gather (take_along_axis) here made the reference step on XLA's
+  # CPU about 0.4 s slower at batch 2 (RESULTS.md, session 15), the views alone
+  # 0.06 s.
+  weights = jax.nn.one_hot(jax.random.randint(key, (x.shape[0],), 0, 3), 3)
+  grey = jnp.sum(x * weights[:, None, None, :], axis=-1, keepdims=True)
+  return jnp.broadcast_to(grey, x.shape)
 
 
 def _between(u, low, high):

@@ -190,12 +190,18 @@ def test_unknown_compute_dtype_is_named():
 
 
 def test_the_concept_space_follows_the_encoder_unless_set():
-  # Unset, sigma_dim is the encoder's width D for every backbone (identity sigma
-  # needs exactly that); set, linear and MLP sigma use it.
+  # Unset, the concept space is the encoder's width D for every backbone
+  # (identity sigma needs exactly that), in the config and in a CVCModel built
+  # without one; set, linear and MLP sigma use it.
   for backbone, d in (("r2plus1d18", 512), ("r3d34", 512), ("r3d50", 2048)):
-    assert cvc.build_model(ucf101.get_config(f"backbone={backbone}")).sigma_dim == d
-  assert cvc.build_model(ucf101.get_config("runlocal")).sigma_dim == 8 * 8
+    assert cvc.build_model(ucf101.get_config(f"backbone={backbone}")).concept_dim == d
+  config = ucf101.get_config("runlocal")
+  assert cvc.build_model(config).concept_dim == 8 * 8
   x = jnp.zeros((2, 6, 4, 32, 32, 3))
+  bare = cvc.CVCModel(encoder=config.model.encoder.to_dict(), num_concepts=8)
+  variables = jax.eval_shape(functools.partial(bare.init, train=False),
+                             jax.random.key(0), x)
+  assert variables["params"]["lit"]["project_q"]["kernel"].shape[0] == 8 * 8
   for sigma in ("linear", "mlp"):
     config = ucf101.get_config(f"sigma={sigma},runlocal")
     config.model.sigma_dim = 24

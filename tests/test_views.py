@@ -276,6 +276,26 @@ def test_channel_grayscale_takes_one_rgb_channel_per_frame():
   np.testing.assert_array_equal(kept[:, :4], np.broadcast_to(rgb, kept[:, :4].shape))
   with pytest.raises(ValueError, match=r"config.input.gray='lumma': use 'luma'"):
     _pretrain(frames, (("gray", "lumma"),))
+  with pytest.raises(ValueError, match=r"config.input.gray='lumma': use 'luma'"):
+    _pretrain(frames, GEOMETRY_ONLY + (("gray", "lumma"),))  # named though unused
+
+
+def test_no_grayscale_work_at_gray_prob_0():
+  # gray_prob = 0 traces no grayscale, and 'channel' then cuts each still once
+  # instead of T times: the same program as 'luma'.
+  frames, key = _random_frames(), jax.random.key(0)
+  sizes = np.tile([H, W], (B, 1)).astype(np.int32)
+
+  def program(overrides):
+    config = _config(overrides)
+    return str(jax.make_jaxpr(lambda f: views.pretrain_views(f, key, config, sizes))(frames))
+
+  never = (("gray_prob", 0.0),)
+  assert program(never + (("gray", "channel"),)) == program(never + (("gray", "luma"),))
+  for kind in ("luma", "channel"):  # grey's equations are traced only where used
+    kind = (("gray", kind),)
+    used = program(GEOMETRY_ONLY[1:] + (("gray_prob", 0.5),) + kind).count("\n")
+    assert program(GEOMETRY_ONLY + kind).count("\n") < used
 
 
 def test_brightness_is_one_factor_per_clip():

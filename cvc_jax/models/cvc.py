@@ -30,7 +30,8 @@ class CVCModel(nn.Module):
     encoder: the encoder config (see `resnet3d.build_encoder`).
     num_concepts: K, concepts per kind; codes have 2K entries, static first.
     sigma: concept transformation: 'identity', 'linear' or 'mlp'.
-    sigma_dim: output width of sigma, the width of the concept space.
+    sigma_dim: output width of sigma, the width of the concept space; None (the
+      default) is the encoder's width D, the only width identity sigma allows.
     decoder_hidden: hidden width of the decoders g; 0 for a linear decoder.
     proj_hidden, proj_dim: the global contrast MLPs D -> proj_hidden -> proj_dim.
     separate_encoders: three encoders for v, s, d instead of one shared.
@@ -40,7 +41,7 @@ class CVCModel(nn.Module):
   encoder: Mapping[str, Any]
   num_concepts: int = 50
   sigma: str = "identity"
-  sigma_dim: int = 512
+  sigma_dim: int | None = None
   decoder_hidden: int = 512
   proj_hidden: int = 512
   proj_dim: int = 128
@@ -63,13 +64,13 @@ class CVCModel(nn.Module):
           to the two views it reads (fvv/fvs/fvd to v1 v2, fsv to s1 s2, fdv to d1 d2).
         codes: [B, 6, 2K] cosine scores against the prototypes of each view's kind.
         rec: {'v': [B, 2, D], 's': ..., 'd': ...} decoder outputs.
-        local: {'v': [B, 2, 2K, sigma_dim], 's': [B, 2, K, .], 'd': [B, 2, K, .]}
+        local: {'v': [B, 2, 2K, concept_dim], 's': [B, 2, K, .], 'd': [B, 2, K, .]}
           L2-normalised local concept features.
     """
     b = views.shape[0]
     k = self.num_concepts
     d = resnet3d.feature_dim(self.encoder)
-    if self.sigma == "identity" and self.sigma_dim != d:
+    if self.sigma == "identity" and self.concept_dim != d:
       raise ValueError(f"sigma='identity' needs model.sigma_dim == encoder width {d}, "
                        f"got {self.sigma_dim}.")
 
@@ -107,7 +108,7 @@ class CVCModel(nn.Module):
       proto = nn.Dense(2 * k, use_bias=False, dtype=self.dtype, name=proto_name)
       for j in (2 * i, 2 * i + 1):
         codes.append(proto(heads.l2_normalize(sigma(pooled[:, j]))))
-      prototypes.append(proto.variables["params"]["kernel"].T)  # [2K, sigma_dim]
+      prototypes.append(proto.variables["params"]["kernel"].T)  # [2K, concept_dim]
     codes = jnp.stack(codes, axis=1)
 
     # 4) Decoders reconstruct h from the code: g_v from all 2K entries of v1 and
@@ -123,7 +124,7 @@ class CVCModel(nn.Module):
 
     # 5) Local concept aggregation, one block shared by all views. Templates: all
     #    rows of C_v for v, the static rows of C_s for s, dynamic rows of C_d for d.
-    lit = heads.LocalConceptAggregation(self.sigma_dim, dtype=self.dtype, name="lit")
+    lit = heads.LocalConceptAggregation(self.concept_dim, dtype=self.dtype, name="lit")
     templates = {"v": prototypes[0], "s": prototypes[1][:k], "d": prototypes[2][k:]}
     local = {}
     for i, kind in enumerate("vsd"):
@@ -140,14 +141,21 @@ class CVCModel(nn.Module):
         "local": local,
     }
 
+  @property
+  def concept_dim(self) -> int:
+    """The concept space's width: `sigma_dim`, or the encoder's D when unset."""
+    if self.sigma_dim is None:
+      return resnet3d.feature_dim(self.encoder)
+    return self.sigma_dim
+
   def _sigma(self, name, d, train):
     if self.sigma == "identity":
       return lambda x: x
     if self.sigma == "linear":
-      return heads.mlp_head(name, hidden=0, out=self.sigma_dim, train=train,
+      return heads.mlp_head(name, hidden=0, out=self.concept_dim, train=train,
                             dtype=self.dtype, batch_norm=False)
     if self.sigma == "mlp":
-      return heads.mlp_head(name, hidden=self.sigma_dim, out=self.sigma_dim, train=train,
+      return heads.mlp_head(name, hidden=self.concept_dim, out=self.concept_dim, train=train,
                             dtype=self.dtype, batch_norm=True)
     raise ValueError(f"model.sigma must be 'identity', 'linear' or 'mlp', got "
                      f"{self.sigma!r}.")
@@ -165,11 +173,10 @@ def build_model(config) -> CVCModel:
     raise ValueError(f"config.dtype must be one of {COMPUTE_DTYPES}, got "
                      f"{config.dtype!r}.")
   m = config.model
-  sigma_dim = m.get("sigma_dim")  # unset: the encoder's width D
   return CVCModel(
       encoder=m.encoder.to_dict() if hasattr(m.encoder, "to_dict") else dict(m.encoder),
       num_concepts=m.num_concepts, sigma=m.sigma,
-      sigma_dim=resnet3d.feature_dim(m.encoder) if sigma_dim is None else sigma_dim,
+      sigma_dim=m.get("sigma_dim"),
       decoder_hidden=m.decoder_hidden, proj_hidden=m.proj_hidden, proj_dim=m.proj_dim,
       separate_encoders=m.separate_encoders, dtype=jnp.dtype(config.get("dtype", "float32")),
       remat=config.get("remat", "none"))
