@@ -58,20 +58,38 @@ def read_video(path: str, max_frames: int | None = None) -> np.ndarray:
                    for b in encoded[:max_frames]])
 
 
-def visualize(init_from: str, video: str, out: str, *, num_concepts: int = 3,
-              path: str = "kinds", max_frames: int | None = 64,
-              short_side: int | None = None, stride: int = 1,
-              step: int | None = None) -> dict[str, Any]:
+def visualize(init_from: str, video: str, out: str, *, step: int | None = None,
+              **kwargs) -> dict[str, Any]:
+  """`draw(concepts.load(init_from, step), video, out, **kwargs)`: the pictures
+  from a pretraining workdir's checkpoint (default its newest)."""
+  return draw(concepts.load(init_from, step), video, out, **kwargs)
+
+
+def draw(loaded, video: str, out: str, *, num_concepts: int = 3, path: str = "kinds",
+         max_frames: int | None = 64, short_side: int | None = None,
+         stride: int = 1) -> dict[str, Any]:
   """Concept pictures of a video: the most active static and dynamic concepts.
 
   Writes concepts.png, concepts.gif and attention.npz (the drawn maps at frame
   resolution, their concept ids and every code) to `out`.
 
+  Args:
+    loaded: a checkpoint's (config, models, variables), as `concepts.load`
+      returns them: load once to draw several videos or count concept usage too.
+    video: a video file (any format PyAV reads) or a .npy of uint8 [N, H, W, 3].
+    out: the folder to write to.
+    num_concepts: concepts of each kind to draw.
+    path: 'kinds' (static concepts on stills, dynamic on frame differences) or
+      'rgb' (both on the RGB clips).
+    max_frames: frames of the video to use.
+    short_side: the model input's short side (`concepts.default_short_side`).
+    stride: frames between the starts of the clips.
+
   Returns:
     {'paths': [...], 'static'/'dynamic': (ids, codes, maps) of the drawn
     concepts, most active first}.
   """
-  config, models, variables = concepts.load(init_from, step)
+  config, models, variables = loaded
   frames = read_video(video, max_frames)
   found = concepts.concepts_of(config, models, variables, frames, path=path,
                                short_side=short_side, stride=stride)
@@ -98,18 +116,17 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every array it reads
   if not f.video and not f.dataset:
     raise app.UsageError("Give --video, --dataset or both.")
+  loaded = concepts.load(f.init_from, f.step)
   if f.video:
-    drawn = visualize(f.init_from, f.video, f.out, num_concepts=f.num_concepts,
-                      path=f.path, max_frames=f.max_frames, short_side=f.short_side,
-                      stride=f.stride, step=f.step)
+    drawn = draw(loaded, f.video, f.out, num_concepts=f.num_concepts, path=f.path,
+                 max_frames=f.max_frames, short_side=f.short_side, stride=f.stride)
     for name in ("static", "dynamic"):
       print(f"Most active {name} concepts: {drawn[name][0].tolist()}")
     for path in drawn["paths"]:
       print(f"Wrote {path}")
   if f.dataset:
-    config, models, variables = concepts.load(f.init_from, f.step)
-    usage = concepts.concept_usage(config, models, variables, dataset=f.dataset,
-                                   split=f.split, data_dir=f.data_dir, path=f.path,
+    usage = concepts.concept_usage(*loaded, dataset=f.dataset, split=f.split,
+                                   data_dir=f.data_dir, path=f.path,
                                    num_clips=f.num_clips)
     for path in pictures.write_histogram(f.out, usage,
                                          f"{f.dataset} {f.split}: {f.init_from}"):

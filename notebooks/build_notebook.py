@@ -152,24 +152,24 @@ test videos. The same as `python -m cvc_jax.visualize --init_from=WORKDIR
 CONCEPTS = """\
 import numpy as np
 from IPython.display import Image
+from cvc_jax import concepts
 from cvc_jax import visualize
 from tfds_builders.synthetic_motion import synthetic_motion_dataset_builder as motion
 
 video = os.path.join(WORKDIR, "video.npy")
 np.save(video, motion.make_video("test", VIDEO_INDEX)["video"])
 picture_dir = os.path.join(WORKDIR, "concepts")
-drawn = visualize.visualize(WORKDIR, video, picture_dir)
+loaded = concepts.load(WORKDIR)  # (config, models, variables): read once, used twice
+drawn = visualize.draw(loaded, video, picture_dir)
 print("most active static concepts:", drawn["static"][0], "dynamic:", drawn["dynamic"][0])
 display(Image(filename=os.path.join(picture_dir, "concepts.png"), width=700))
 display(Image(filename=os.path.join(picture_dir, "concepts.gif"), width=700))"""
 
 HISTOGRAM = """\
-from cvc_jax import concepts
 from cvc_jax import pictures
 
-cvc_config, models, variables = concepts.load(WORKDIR)
-usage = concepts.concept_usage(cvc_config, models, variables, dataset=DATASET,
-                               split="test", data_dir=DATA_DIR, num_clips=NUM_CLIPS)
+usage = concepts.concept_usage(*loaded, dataset=DATASET, split="test",
+                               data_dir=DATA_DIR, num_clips=NUM_CLIPS)
 png, _ = pictures.write_histogram(picture_dir, usage, f"{DATASET} test")
 display(Image(filename=png))"""
 

@@ -280,13 +280,31 @@ def test_pictures_of_a_checkpoint_without_tensorflow(tmp_path, workdir):
       assert codes[0] >= codes[1]  # most active first
 
 
+_COUNTING_LOADS = r"""
+import runpy
+import sys
+from cvc_jax import concepts
+calls, load = [], concepts.load
+concepts.load = lambda *args: calls.append(args) or load(*args)
+sys.argv[0] = "visualize"
+try:
+  runpy.run_module("cvc_jax.visualize", run_name="__main__")
+finally:
+  print("LOADS", len(calls))
+"""
+
+
 def test_concept_usage_histogram_over_a_data_set(tmp_path, workdir):
+  """With --video too: both from one read of the checkpoint."""
   out = tmp_path / "out"
+  np.save(tmp_path / "video.npy", motion.make_video("test", MOVING_VIDEOS[0])["video"][:8])
   run = subprocess.run(
-      [sys.executable, "-m", "cvc_jax.visualize", f"--init_from={workdir}",
+      [sys.executable, "-c", _COUNTING_LOADS, f"--init_from={workdir}",
        f"--out={out}", "--dataset=synthetic_motion/tiny", f"--data_dir={tmp_path}/tfds",
-       "--num_clips=2"], cwd=ROOT, capture_output=True, text=True)
+       "--num_clips=2", f"--video={tmp_path / 'video.npy'}", "--num_concepts=1"],
+      cwd=ROOT, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-3000:]
+  assert "LOADS 1" in run.stdout and (out / "concepts.png").exists(), run.stdout
   with open(out / "histogram.json") as f:
     usage = json.load(f)
   share = np.asarray(usage["top_share"])
