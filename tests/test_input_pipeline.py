@@ -501,8 +501,26 @@ def test_pipeline_benchmark_times_the_frames_the_pipeline_decodes(data_dir, monk
   assert rates.keys() == {f"{kind}{part}{cpu}" for kind in ("pretrain", "eval")
                           for part in ("", "_decode", "_frames") for cpu in ("", "_cpu")}
   assert all(rate > 0 for rate in rates.values()), rates
+  read, data_source = {}, datasets.data_source
+
+  class Recording:  # a data source that notes which records are read
+    def __init__(self, config, split):
+      self.split, self.source = split, data_source(config, split)
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, i):
+      read.setdefault(self.split, []).append(i)
+      return self.source[i]
+
+  monkeypatch.setattr(datasets, "data_source", Recording)
   costs = bench.per_video_costs("synthetic_motion/tiny", str(data_dir), split="train",
                                 eval_split="test", videos=2, repeats=1)
+  # Reading is timed on the videos that are decoded: step 0's, and the first two.
+  step_0 = [int(v) for v in sampling.step_videos(config.seed, 0, split_size=len(
+      data_source(config, "train")), batch_size=2)]
+  assert read["train"] == step_0 * 2 and read["test"] == [0, 1] * 2
   assert {k: sorted(v) for k, v in costs.items()} == {
       k: ["decode_frames_ms", "decode_ms", "read_parse_ms"] for k in ("pretrain", "eval")}
   assert all(ms > 0 for v in costs.values() for ms in v.values()), costs

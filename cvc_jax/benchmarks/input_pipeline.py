@@ -135,11 +135,6 @@ def _pool_rate(fn, samples: list[tuple[list[bytes], np.ndarray]]):
   return n / wall, n / cpu
 
 
-def _decode_rate(samples: list[tuple[list[bytes], np.ndarray]]):
-  """`_pool_rate` of decoding the samples' distinct frames, bare."""
-  return _pool_rate(_decode_distinct, samples)
-
-
 def _frames_rate(samples: list[tuple[list[bytes], np.ndarray]], raw_size):
   """`_pool_rate` of `decode_frames`: decoding plus writing every sampled frame
   into the canvas, what the pipeline's threads do per sample. Each thread
@@ -158,17 +153,22 @@ def _frames_rate(samples: list[tuple[list[bytes], np.ndarray]], raw_size):
   return _pool_rate(fill, samples)
 
 
+def _pretrain_videos(config, split_size: int, steps: range) -> list[tuple[int, int]]:
+  """(step, video index) of every video of the global batches of `steps`."""
+  return [(step, int(video)) for step in steps
+          for video in sampling.step_videos(config.seed, step, split_size=split_size,
+                                            batch_size=config.batch_size)]
+
+
 def _pretrain_samples(config, source, steps: range) -> list[tuple[list[bytes], np.ndarray]]:
   """(a video's JPEG frames, the indices pretrain_batches decodes) of every
   video of the global batches of `steps`."""
   out = []
-  for step in steps:
-    for video in sampling.step_videos(config.seed, step, split_size=len(source),
-                                      batch_size=config.batch_size):
-      encoded = source[int(video)]["video"]
-      out.append((encoded, sampling.sample_indices(
-          len(encoded), sampling.video_rng(config.seed, step, int(video)),
-          num_out=2 * config.input.num_frames, max_rate=config.input.max_rate)))
+  for step, video in _pretrain_videos(config, len(source), steps):
+    encoded = source[video]["video"]
+    out.append((encoded, sampling.sample_indices(
+        len(encoded), sampling.video_rng(config.seed, step, video),
+        num_out=2 * config.input.num_frames, max_rate=config.input.max_rate)))
   return out
 
 
@@ -206,11 +206,11 @@ def measure(dataset: str, data_dir: str, *, split: str, eval_split: str,
   for _ in range(repeats):
     for key, rate in (
         ("pretrain", lambda: _steady_rate(ip.pretrain_batches(config), batches, warmup)),
-        ("pretrain_decode", lambda: _decode_rate(pretrain)),
+        ("pretrain_decode", lambda: _pool_rate(_decode_distinct, pretrain)),
         ("pretrain_frames", lambda: _frames_rate(pretrain, raw)),
         ("eval", lambda: _pass_rate(
             lambda: ip.eval_batches(config, split=eval_split, num_clips=NUM_CLIPS))),
-        ("eval_decode", lambda: _decode_rate(evaluation)),
+        ("eval_decode", lambda: _pool_rate(_decode_distinct, evaluation)),
         ("eval_frames", lambda: _frames_rate(evaluation, raw))):
       _wait_until_idle()
       wall, cpu = rate()
@@ -226,19 +226,24 @@ def measure(dataset: str, data_dir: str, *, split: str, eval_split: str,
 def per_video_costs(dataset: str, data_dir: str, *, split: str, eval_split: str,
                     videos: int = 32, repeats: int = 3) -> dict[str, dict[str, float]]:
   """Milliseconds per video in one thread, for pretraining (`split`, step 0's
-  sampling) and evaluation (`eval_split`), over `videos` videos: reading and
-  parsing the record, decoding its distinct sampled frames bare, and
-  `decode_frames` of the same (decoding plus writing every sampled frame into
-  the canvas, a new one for each video, as `decode_frames` makes without
-  `out`). Each the best of `repeats` (reading varied 4x between passes here)."""
+  sampling) and evaluation (`eval_split`, its first videos), over `videos`
+  videos: reading and parsing their records, decoding their distinct sampled
+  frames bare, and `decode_frames` of the same (decoding plus writing every
+  sampled frame into the canvas, a new one for each video, as `decode_frames`
+  makes without `out`). Each the best of `repeats` (reading varied 4x between
+  passes here)."""
   config = _config(dataset, data_dir, videos)
   raw = sampling.raw_size(config)
   out = {}
   for kind, name in (("pretrain", split), ("eval", eval_split)):
     source = datasets.data_source(config, name)
     config.batch_size = min(videos, len(source))  # step 0's videos, for pretraining
-    samples = (_pretrain_samples(config, source, range(1)) if kind == "pretrain" else
-               _eval_samples(config, source, videos))
+    if kind == "pretrain":
+      samples = _pretrain_samples(config, source, range(1))
+      read = [video for _, video in _pretrain_videos(config, len(source), range(1))]
+    else:
+      samples = _eval_samples(config, source, videos)
+      read = list(range(len(samples)))
     n = len(samples)
 
     def best(fn):
@@ -253,7 +258,7 @@ def per_video_costs(dataset: str, data_dir: str, *, split: str, eval_split: str,
       for encoded, indices in samples:
         ip.decode_frames(encoded, indices, raw)
 
-    out[kind] = {"read_parse_ms": best(lambda: [source[i] for i in range(n)]),
+    out[kind] = {"read_parse_ms": best(lambda: [source[i] for i in read]),
                  "decode_ms": best(bare), "decode_frames_ms": best(canvas)}
   return out
 
@@ -290,9 +295,10 @@ def tf_data_rate(dataset: str, tf_data_dir: str, *, split: str,
 
   ds = builder.as_dataset(split, decoders={"video": tfds.decode.SkipDecoding()},
                           shuffle_files=True)
+  prefetch = config.input.prefetch  # as deep as the grain stream's
   ds = (ds.repeat().shuffle(64).map(sample, num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(batch_size).prefetch(2))
-  return _steady_rate(iter(ds.as_numpy_iterator()), batches, warmup=3)  # prefetch(2)
+        .batch(batch_size).prefetch(prefetch))
+  return _steady_rate(iter(ds.as_numpy_iterator()), batches, warmup=prefetch + 1)
 
 
 def _fake_data(num_videos: int, root: str) -> str:
