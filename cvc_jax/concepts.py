@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cvc_jax import pretrain
 from cvc_jax import views
 from cvc_jax.models import cvc
 from cvc_jax.models import exported
@@ -76,7 +75,7 @@ def load(workdir: str, step: int | None = None):
   full = cvc.build_model(config)
   fields = {f.name: getattr(full, f.name) for f in dataclasses.fields(full)
             if f.init and f.name not in ("parent", "name")}
-  variables = dict(variables, params=pretrain.normalize_prototypes(variables["params"]))
+  variables = dict(variables, params=cvc.normalize_prototypes(variables["params"]))
   logging.info("Concepts of %s, step %d.", workdir, step)
   return config, {kind: ViewConcepts(kind=kind, **fields) for kind in "vsd"}, variables
 

@@ -1,5 +1,6 @@
-"""Pretraining: the loss of SPEC section 4 over the model's outputs, the optimiser
-of section 5, the train state with its concept queues, and the train step.
+"""Pretraining: the loss of SPEC section 4 over the model's outputs, the train
+state with its concept queues, the train step and its loop (the optimiser of
+section 5 is `cvc_jax.optimizer`).
 """
 
 import contextlib
@@ -21,6 +22,7 @@ import orbax.checkpoint as ocp
 from cvc_jax import checkpointing
 from cvc_jax import losses
 from cvc_jax import models
+from cvc_jax import optimizer
 from cvc_jax import parallel
 from cvc_jax import sampling
 from cvc_jax import views as views_lib
@@ -143,58 +145,6 @@ def loss_terms(variables, views, config, *, queue=None, epoch: int = 0) -> dict[
   return {name: float(value) for name, value in terms.items()}
 
 
-def is_prototype(path) -> bool:
-  """True for the parameters of the concept prototypes C_v, C_s, C_d."""
-  return str(getattr(path[0], "key", path[0])) in cvc.PROTOTYPES
-
-
-def normalize_prototypes(params):
-  """L2-normalises every prototype row (a column of the Dense kernel) (SPEC 3)."""
-  def norm(path, p):
-    if not is_prototype(path):
-      return p
-    return p / jnp.maximum(jnp.linalg.norm(p, axis=0, keepdims=True), 1e-12)
-  return jax.tree_util.tree_map_with_path(norm, params)
-
-
-def adam_with_decay(optim) -> optax.GradientTransformation:
-  """`optim.name`'s Adam, before the learning rate (config.optim, SPEC 5).
-
-  'adam' adds the L2 decay to the gradient before the moments (torch Adam, the
-  reference's); 'adamw' adds it to the update after them (decoupled).
-  """
-  adam = optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps)
-  if optim.name == "adam":
-    return optax.chain(optax.add_decayed_weights(optim.weight_decay), adam)
-  if optim.name == "adamw":
-    return optax.chain(adam, optax.add_decayed_weights(optim.weight_decay))
-  raise ValueError(f"optim.name must be 'adam' or 'adamw', got {optim.name!r}.")
-
-
-def lr_schedule(optim, steps_per_epoch: int) -> optax.Schedule:
-  """optim.lr, times optim.decay_factor at each of optim.decay_epochs."""
-  return optax.piecewise_constant_schedule(
-      optim.lr, {int(e * steps_per_epoch): optim.decay_factor for e in optim.decay_epochs})
-
-
-def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """Adam with L2 weight decay (or AdamW), the step schedule, frozen prototypes.
-
-  As in the reference (torch Adam, whose prototypes get no gradient in epoch 0),
-  the prototypes' Adam moments and bias correction only start counting once they
-  are unfrozen, and they get no weight decay while frozen.
-  """
-  frozen_steps = config.loss.freeze_prototypes_epochs * steps_per_epoch
-  grouped = optax.multi_transform(
-      {"prototypes": optax.transforms.conditionally_mask(
-          adam_with_decay(config.optim), lambda step: step >= frozen_steps),
-       "rest": adam_with_decay(config.optim)},
-      lambda params: jax.tree_util.tree_map_with_path(
-          lambda path, _: "prototypes" if is_prototype(path) else "rest", params))
-  return optax.chain(grouped, optax.scale_by_learning_rate(
-      lr_schedule(config.optim, steps_per_epoch)))
-
-
 def update_queue(queue: jax.Array, codes: jax.Array) -> jax.Array:
   """Pushes a batch of detached codes [B, 6, 2K] into the FIFO [Q, 6, 2K], newest last."""
   merged = jnp.concatenate([queue, jax.lax.stop_gradient(codes).astype(queue.dtype)], 0)
@@ -227,8 +177,8 @@ def create_train_state(config, rng: jax.Array, views_shape, steps_per_epoch: int
   model = cvc.build_model(config)
   variables = initial_variables(config, rng, views_shape)
   _, queue_rng = jax.random.split(rng)
-  params = normalize_prototypes(variables["params"])
-  tx = make_optimizer(config, steps_per_epoch)
+  params = cvc.normalize_prototypes(variables["params"])
+  tx = optimizer.make_optimizer(config, steps_per_epoch)
   queue = jax.random.normal(
       queue_rng, (config.loss.queue_size, 6, 2 * config.model.num_concepts))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -256,7 +206,7 @@ def train_step(state: TrainState, views: jax.Array, config, steps_per_epoch: int
   """
   epoch = state.step // steps_per_epoch
   # Prototype rows are unit vectors at every forward pass (SPEC 3).
-  params = normalize_prototypes(state.params)
+  params = cvc.normalize_prototypes(state.params)
 
   def loss_fn(params):
     out, updates = state.model.apply(
@@ -388,7 +338,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
     report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
-    schedule = lr_schedule(config.optim, steps_per_epoch)
+    schedule = optimizer.lr_schedule(config.optim, steps_per_epoch)
     preemption = stack.enter_context(checkpointing.Preemption(manager))
     stack.callback(writer.flush)
     log_every = config.get("log_every_steps", 50)

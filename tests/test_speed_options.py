@@ -16,6 +16,7 @@ from cvc_jax import models
 from cvc_jax import pretrain
 from cvc_jax.models import convolutions
 from cvc_jax.models import cvc
+from cvc_jax.models import kernel_grads
 from cvc_jax.models import resnet3d
 from tests import jaxprs
 
@@ -70,13 +71,13 @@ def test_frames_kernel_grad_sums_frame_groups_to_the_3d_gradient(
   dy = jax.random.normal(jax.random.key(3), conv3d(k).shape)
   want = jax.vjp(conv3d, k)[1](dy)[0]
   frame_bytes = (x[0, 0].size + dy[0, 0].size) * 4
-  monkeypatch.setattr(convolutions, "KERNEL_GRAD_GROUP_BYTES", group_frames * frame_bytes)
-  monkeypatch.setattr(convolutions, "KERNEL_GRAD_ROW_CHANNELS", row_channels)
+  monkeypatch.setattr(kernel_grads, "KERNEL_GRAD_GROUP_BYTES", group_frames * frame_bytes)
+  monkeypatch.setattr(kernel_grads, "KERNEL_GRAD_ROW_CHANNELS", row_channels)
   batch = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)),
                                      jax.sharding.PartitionSpec("data"))
   if clips % 8 == 0:
     x, dy = jax.device_put(x, batch), jax.device_put(dy, batch)
-  grad = jax.jit(lambda x, dy: convolutions._frames_kernel_grad(
+  grad = jax.jit(lambda x, dy: kernel_grads.frames_kernel_grad(
       x, dy, k.shape, (stride, stride), pad[1:]))
   np.testing.assert_allclose(grad(x, dy), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   if clips % 8 == 0:  # no collective inside the loop: one all-reduce after it

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from cvc_jax import checkpointing
 from cvc_jax import models
 from cvc_jax import parallel
-from cvc_jax import pretrain
+from cvc_jax import optimizer
 from cvc_jax import views as views_lib
 from cvc_jax.downstream import evaluate
 from cvc_jax.downstream import metrics
@@ -51,8 +51,8 @@ class Classifier(nn.Module):
 
 def _optimizer(config, steps_per_epoch: int, linear: bool):
   """config.optim's Adam (or AdamW) and step schedule, as in pretraining."""
-  tx = optax.chain(pretrain.adam_with_decay(config.optim), optax.scale_by_learning_rate(
-      pretrain.lr_schedule(config.optim, steps_per_epoch)))
+  tx = optax.chain(optimizer.adam_with_decay(config.optim), optax.scale_by_learning_rate(
+      optimizer.lr_schedule(config.optim, steps_per_epoch)))
   if not linear:
     return tx
   # Linear probe: the encoder gets no update at all (no weight decay either).

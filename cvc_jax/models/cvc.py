@@ -8,6 +8,7 @@ themselves live in `cvc_jax.losses`.
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from cvc_jax.models import heads
@@ -21,6 +22,20 @@ PROTOTYPES = ("prototype", "prototype_s", "prototype_d")
 SIGMAS = ("fv", "fs", "fd")
 DECODERS = ("gv", "gs", "gd")
 ENCODERS = ("backbone", "backbone_s", "backbone_d")
+
+
+def is_prototype(path) -> bool:
+  """True for the parameters of the concept prototypes C_v, C_s, C_d."""
+  return str(getattr(path[0], "key", path[0])) in PROTOTYPES
+
+
+def normalize_prototypes(params):
+  """L2-normalises every prototype row (a column of the Dense kernel) (SPEC 3)."""
+  def norm(path, p):
+    if not is_prototype(path):
+      return p
+    return p / jnp.maximum(jnp.linalg.norm(p, axis=0, keepdims=True), 1e-12)
+  return jax.tree_util.tree_map_with_path(norm, params)
 
 
 class CVCModel(nn.Module):
