@@ -253,9 +253,10 @@ def test_remat_keeps_loss_and_gradients():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_batch_norm_is_flax_batch_norm(dtype):
+def test_batch_norm_is_flax_batch_norm_with_torchs_running_variance(dtype):
   # resnet3d.BatchNorm writes its backward pass by hand; everything else must be
-  # flax's BatchNorm with PyTorch's eps and momentum.
+  # flax's BatchNorm with PyTorch's eps and momentum, but for the running
+  # variance, which averages the unbiased batch variance as PyTorch's does.
   ours = resnet3d.BatchNorm(use_running_average=False, dtype=dtype)
   theirs = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, dtype=dtype)
   x = jax.random.normal(jax.random.key(0), (4, 3, 5, 5, 6)) * 3 + 1
@@ -276,6 +277,21 @@ def test_batch_norm_is_flax_batch_norm(dtype):
 
   (y, stats, evaluated, grads), (y2, stats2, evaluated2, grads2) = run(ours), run(theirs)
   assert y.dtype == y2.dtype == evaluated.dtype == dtype
-  for a, b in ((y, y2), (stats, stats2), (evaluated, evaluated2)):
+  for a, b in ((y, y2), (evaluated, evaluated2)):
     jax.tree.map(np.testing.assert_array_equal, a, b)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads, grads2)
+  mean, var = stats["batch_stats"]["mean"], stats["batch_stats"]["var"]
+  np.testing.assert_array_equal(mean, stats2["batch_stats"]["mean"])
+  n = x.size // 6  # 300 values per channel
+  momentum, biased = 0.9, (stats2["batch_stats"]["var"] - 0.9 * variables["batch_stats"]["var"])
+  np.testing.assert_allclose(var, momentum * variables["batch_stats"]["var"] +
+                             biased * n / (n - 1), rtol=1e-6)
+
+  # And PyTorch's BatchNorm3d, from the same running statistics.
+  import torch  # pylint: disable=g-import-not-at-top
+  bn = torch.nn.BatchNorm3d(6)
+  bn.running_mean.copy_(torch.from_numpy(np.asarray(variables["batch_stats"]["mean"])))
+  bn.running_var.copy_(torch.from_numpy(np.asarray(variables["batch_stats"]["var"])))
+  bn(torch.from_numpy(np.asarray(x, np.float32)).permute(0, 4, 1, 2, 3))
+  np.testing.assert_allclose(mean, bn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(var, bn.running_var.numpy(), rtol=1e-5)
