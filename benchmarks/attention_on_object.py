@@ -58,7 +58,7 @@ def measure(init_from, *, videos=16, path="kinds", short_side=None) -> dict:
     video = motion.make_video("test", index)
     if motion.DYNAMIC_NAMES[video["label_dynamic"]] == "still":
       continue
-    # What `visualize.visualize` draws first for the dynamic kind.
+    # What `visualize.draw` draws first for the dynamic kind.
     found = concepts.concepts_of(config, models, variables, video["video"], path=path,
                                  short_side=short_side)["dynamic"]
     maps = found[2][..., concepts.top(found, 1)[0]]  # [N, H, W]

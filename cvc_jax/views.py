@@ -209,8 +209,9 @@ def _augment_clip(clip, key, geometry_key=None, *, size, config, repeat=1):
 
   # 2) Grayscale before the jitter, as in the authors' pipeline: for the whole
   #    clip or not at all.
+  gray_kind = _gray_kind(config)  # checked even where gray_prob = 0 leaves it unused
   if inp.gray_prob > 0:
-    grey = _grayscale(x, jax.random.fold_in(key, 1), _gray_kind(config))
+    grey = _grayscale(x, jax.random.fold_in(key, 1), gray_kind)
     x = jnp.where(u[_GRAY] < inp.gray_prob, grey, x)
 
   # 3) Colour jitter.
@@ -228,7 +229,7 @@ def _augment_clip(clip, key, geometry_key=None, *, size, config, repeat=1):
 
 
 def _gray_kind(config) -> str:
-  """`config.input.gray`, checked: named even where gray_prob = 0 never uses it."""
+  """`config.input.gray`, checked."""
   kind = config.input.get("gray", "luma")
   if kind not in ("luma", "channel"):
     raise ValueError(f"config.input.gray={kind!r}: use 'luma' (ITU-R 601, SPEC 1) or "
@@ -245,7 +246,8 @@ def _grayscale(x, key, kind):
   """
   if kind == "luma":
     return pix.rgb_to_grayscale(x, keep_dims=True)
-  # 'channel'. A weighted sum with one-hot weights, as luma is one with fixed
+  assert kind == "channel", kind  # `_gray_kind` named any other
+  # A weighted sum with one-hot weights, as luma is one with fixed
   # weights: a gather (take_along_axis) here made the reference step on XLA's
   # CPU about 0.4 s slower at batch 2 (RESULTS.md, session 15), the views alone
   # 0.06 s.

@@ -198,10 +198,13 @@ def test_the_concept_space_follows_the_encoder_unless_set():
   config = ucf101.get_config("runlocal")
   assert cvc.build_model(config).concept_dim == 8 * 8
   x = jnp.zeros((2, 6, 4, 32, 32, 3))
-  bare = cvc.CVCModel(encoder=config.model.encoder.to_dict(), num_concepts=8)
-  variables = jax.eval_shape(functools.partial(bare.init, train=False),
-                             jax.random.key(0), x)
-  assert variables["params"]["lit"]["project_q"]["kernel"].shape[0] == 8 * 8
+  for sigma in ("identity", "linear"):  # a CVCModel built without a config
+    bare = cvc.CVCModel(encoder=config.model.encoder.to_dict(), num_concepts=8, sigma=sigma)
+    variables = jax.eval_shape(functools.partial(bare.init, train=False),
+                               jax.random.key(0), x)
+    assert variables["params"]["lit"]["project_q"]["kernel"].shape == (64, 64)
+    if sigma == "linear":
+      assert variables["params"]["fv"]["kernel"].shape == (64, 64)
   for sigma in ("linear", "mlp"):
     config = ucf101.get_config(f"sigma={sigma},runlocal")
     config.model.sigma_dim = 24

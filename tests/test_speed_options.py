@@ -283,9 +283,9 @@ def test_batch_norm_is_flax_batch_norm_with_torchs_running_variance(dtype):
   mean, var = stats["batch_stats"]["mean"], stats["batch_stats"]["var"]
   np.testing.assert_array_equal(mean, stats2["batch_stats"]["mean"])
   n = x.size // 6  # 300 values per channel
-  momentum, biased = 0.9, (stats2["batch_stats"]["var"] - 0.9 * variables["batch_stats"]["var"])
-  np.testing.assert_allclose(var, momentum * variables["batch_stats"]["var"] +
-                             biased * n / (n - 1), rtol=1e-6)
+  old = variables["batch_stats"]["var"]
+  flax_share = stats2["batch_stats"]["var"] - 0.9 * old  # 0.1 x the biased variance
+  np.testing.assert_allclose(var, 0.9 * old + flax_share * n / (n - 1), rtol=1e-6)
 
   # And PyTorch's BatchNorm3d, from the same running statistics.
   import torch  # pylint: disable=g-import-not-at-top

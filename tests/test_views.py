@@ -278,6 +278,9 @@ def test_channel_grayscale_takes_one_rgb_channel_per_frame():
     _pretrain(frames, (("gray", "lumma"),))
   with pytest.raises(ValueError, match=r"config.input.gray='lumma': use 'luma'"):
     _pretrain(frames, GEOMETRY_ONLY + (("gray", "lumma"),))  # named though unused
+  with pytest.raises(ValueError, match=r"config.input.gray='lumma': use 'luma'"):
+    views.train_clip_views(frames[:, :T], jax.random.key(0),  # downstream's too
+                           _config(GEOMETRY_ONLY + (("gray", "lumma"),)))
 
 
 def test_no_grayscale_work_at_gray_prob_0():

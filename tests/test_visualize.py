@@ -25,6 +25,7 @@ time-shifted box.
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -304,7 +305,8 @@ def test_concept_usage_histogram_over_a_data_set(tmp_path, workdir):
        "--num_clips=2", f"--video={tmp_path / 'video.npy'}", "--num_concepts=1"],
       cwd=ROOT, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-3000:]
-  assert "LOADS 1" in run.stdout and (out / "concepts.png").exists(), run.stdout
+  assert re.search(r"^LOADS 1$", run.stdout, re.M) and (out / "concepts.png").exists(), (
+      run.stdout)
   with open(out / "histogram.json") as f:
     usage = json.load(f)
   share = np.asarray(usage["top_share"])

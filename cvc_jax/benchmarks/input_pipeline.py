@@ -163,8 +163,13 @@ def _pretrain_videos(config, split_size: int, steps: range) -> list[tuple[int, i
 def _pretrain_samples(config, source, steps: range) -> list[tuple[list[bytes], np.ndarray]]:
   """(a video's JPEG frames, the indices pretrain_batches decodes) of every
   video of the global batches of `steps`."""
+  return _samples_of(config, source, _pretrain_videos(config, len(source), steps))
+
+
+def _samples_of(config, source, videos: list[tuple[int, int]]):
+  """`_pretrain_samples` of the given (step, video index) pairs."""
   out = []
-  for step, video in _pretrain_videos(config, len(source), steps):
+  for step, video in videos:
     encoded = source[video]["video"]
     out.append((encoded, sampling.sample_indices(
         len(encoded), sampling.video_rng(config.seed, step, video),
@@ -239,8 +244,8 @@ def per_video_costs(dataset: str, data_dir: str, *, split: str, eval_split: str,
     source = datasets.data_source(config, name)
     config.batch_size = min(videos, len(source))  # step 0's videos, for pretraining
     if kind == "pretrain":
-      samples = _pretrain_samples(config, source, range(1))
-      read = [video for _, video in _pretrain_videos(config, len(source), range(1))]
+      step_0 = _pretrain_videos(config, len(source), range(1))
+      samples, read = _samples_of(config, source, step_0), [v for _, v in step_0]
     else:
       samples = _eval_samples(config, source, videos)
       read = list(range(len(samples)))

@@ -21,8 +21,8 @@ import orbax.checkpoint as ocp
 
 from cvc_jax import checkpointing
 from cvc_jax import models
-from cvc_jax import parallel
 from cvc_jax import optimizer
+from cvc_jax import parallel
 from cvc_jax import views as views_lib
 from cvc_jax.downstream import evaluate
 from cvc_jax.downstream import metrics

@@ -1,6 +1,7 @@
 """Flax modules: 3D ResNet encoders (`resnet3d`) and the forms their convolutions
-run in (`convolutions`), concept heads (`heads`), the pretraining model (`cvc`)
-and exported encoders (`exported`)."""
+run in (`convolutions`, with the CPU backend's hand-written kernel gradients in
+`kernel_grads`), concept heads (`heads`), the pretraining model (`cvc`) and
+exported encoders (`exported`)."""
 
 import jax
 

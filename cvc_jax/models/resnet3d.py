@@ -76,8 +76,9 @@ class BatchNorm(nn.Module):
   averages the unbiased batch variance (n / (n - 1) times the biased one that
   normalises, for n values per channel), so running statistics mean what they
   mean in the authors' code and in converted torchvision checkpoints. The
-  factor is 1.008 for a decoder's BatchNorm over 2 x 64 codes, 1.00003 at layer
-  4 of a 16x112x112 encoder over 64 videos of 6 clips.
+  factor is 1.016 for an MLP sigma's BatchNorm over 64 videos, 1.008 for a
+  decoder's over 2 x 64 codes, 1.00003 at layer 4 of a 16x112x112 encoder over
+  64 videos of 6 clips.
   """
   use_running_average: bool = False
   momentum: float = 0.9
