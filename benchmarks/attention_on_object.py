@@ -1,6 +1,7 @@
 """How much of the top dynamic concept's attention lands on the moving object.
 
-    python benchmarks/attention_on_object.py --init_from=/tmp/cvc_demo [--path=rgb] [--short_side=128]
+    python benchmarks/attention_on_object.py --init_from=/tmp/cvc_demo \
+        [--path=rgb] [--short_side=128]
 
 Over the moving videos among the first `--videos` test videos of
 `synthetic_motion` (rendered directly, no data set needed), the mean over frames

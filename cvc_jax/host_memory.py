@@ -16,8 +16,9 @@ a win everywhere: with it on, the test suite (many small jitted programs, 8 fake
 devices, TensorFlow input pipelines, all threads in one arena) took 11 min 32 s
 instead of 6 min 43 s on the same machine, and since the encoder's CPU form
 stopped writing most of those temporaries the reference step is slower with it
-(20.3 s against 15.8-18.4 s without, benchmarks/RESULTS.md, session 6). glibc fixes the arena limit when a second thread first allocates, so it
-is applied on `import cvc_jax`, before jax, TensorFlow or PyTorch start threads.
+(20.3 s against 15.8-18.4 s without, benchmarks/RESULTS.md, session 6). glibc
+fixes the arena limit when a second thread first allocates, so it is applied on
+`import cvc_jax`, before jax, TensorFlow or PyTorch start threads.
 """
 
 import ctypes

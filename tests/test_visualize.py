@@ -16,9 +16,10 @@ crossed the clip's frames: the test measures the mass on that path (0.757 of it
 over the 12 moving test videos, where the path covers 0.444 of the frame) and on
 the box of the frame itself (0.391, box 0.208), against its own initialisation,
 which has no preference. The Quick start's 32 px checkpoint (3.8 min) gets only
-0.444 on a path of 0.444, so no checkpoint trained within test time would do. A second test plants a concept whose attention is known to follow
-the object (at each feature-map position, the clip's distance from its mean
-colour around that position) and checks the drawing's geometry frame by frame:
+0.444 on a path of 0.444, so no checkpoint trained within test time would do.
+A second test plants a concept whose attention is known to follow the object
+(at each feature-map position, the clip's distance from its mean colour around
+that position) and checks the drawing's geometry frame by frame:
 0.64 to 0.88 of its mass on the frame's box, 0.27 at most for a flipped or
 time-shifted box.
 """
