@@ -61,7 +61,7 @@ def measure(init_from, *, videos=16, path="kinds", short_side=None) -> dict:
       continue
     # What `visualize.draw` draws first for the dynamic kind.
     found = concepts.concepts_of(config, models, variables, video["video"], path=path,
-                                 short_side=short_side)["dynamic"]
+                                 names=("dynamic",), short_side=short_side)["dynamic"]
     maps = found[2][..., concepts.top(found, 1)[0]]  # [N, H, W]
     share = lambda m: np.mean((maps * m).sum((1, 2)) / maps.sum((1, 2)))
     box = box_masks(video["object_box"], *video["video"].shape[1:3])

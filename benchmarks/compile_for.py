@@ -96,6 +96,8 @@ dnn_version_info { major: 9 minor: 8 }
 runtime_version { major: 12 minor: 9 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
+
+
 def _changed(text: str, *changes: tuple[str, str]) -> str:
   """`text` with each (old, new) replaced once; an old it lacks is an error."""
   for old, new in changes:

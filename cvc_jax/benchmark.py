@@ -37,11 +37,9 @@ from cvc_jax import costs
 from cvc_jax import models
 from cvc_jax import parallel
 from cvc_jax import pretrain
-from cvc_jax import sampling
 from cvc_jax.models import convolutions
 from cvc_jax.models import resnet3d
 
-CLIPS_PER_VIDEO = pretrain.NUM_VIEWS  # v1 v2 s1 s2 d1 d2
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines this program's flags; called by entry points only, so that importing
@@ -103,10 +101,10 @@ class Result:
         step_time_p10_s=float(np.percentile(times, 10)),
         step_time_p90_s=float(np.percentile(times, 90)),
         videos_per_s=self.global_batch / t,
-        clips_per_s=self.global_batch * CLIPS_PER_VIDEO / t,
+        clips_per_s=self.global_batch * pretrain.NUM_VIEWS / t,
         tflops_per_s=self.flops_per_step / t / 1e12 if self.flops_per_step else None,
         mfu=mfu,
-        pipelined_clips_per_s=(self.global_batch * CLIPS_PER_VIDEO /
+        pipelined_clips_per_s=(self.global_batch * pretrain.NUM_VIEWS /
                                self.pipelined_step_time_s
                                if self.pipelined_step_time_s else None))
 
@@ -123,7 +121,7 @@ def format_table(r: Result) -> str:
       ("framework", r.framework),
       ("device", f"{r.device_kind} x {r.device_count}"),
       ("dtype", r.dtype),
-      ("global batch", f"{r.global_batch} videos = {r.global_batch * CLIPS_PER_VIDEO} "
+      ("global batch", f"{r.global_batch} videos = {r.global_batch * pretrain.NUM_VIEWS} "
                        f"clips of {t}x{s_}x{s_}"),
       ("step time (median)", f"{s['step_time_median_s'] * 1e3:.1f} ms"),
       ("step time spread", f"min {s['step_time_min_s'] * 1e3:.1f} / p10 "
@@ -221,8 +219,8 @@ class TrainStep:
     self.devices = jax.devices()
     mesh = parallel.data_mesh(config.batch_size, self.devices)
     replicated, batch_sharding = parallel.shardings(mesh)
-    b, t = config.batch_size, config.input.num_frames
-    h, w = sampling.raw_size(config)
+    shape = pretrain.batch_shapes(config)["frames"].shape  # [B, 2T, H, W, 3]
+    b, (h, w) = config.batch_size, shape[2:4]
     # Epoch = step: from `steady_epoch` on every term and the queue are on.
     steps_per_epoch = 1
     steady_epoch = max(config.loss.loc_start_epoch, config.loss.queue_start_epoch,
@@ -233,7 +231,7 @@ class TrainStep:
                                       sharding=replicated)
     state = state.replace(step=jax.device_put(np.int32(steady_epoch), replicated))
 
-    frames = np.random.default_rng(0).integers(0, 256, (b, 2 * t, h, w, 3), np.uint8)
+    frames = np.random.default_rng(0).integers(0, 256, shape, np.uint8)
     self.batch = {
         "frames": jax.device_put(frames, batch_sharding),
         "sizes": jax.device_put(np.tile(np.int32([h, w]), (b, 1)), batch_sharding)}

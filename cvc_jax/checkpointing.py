@@ -1,6 +1,7 @@
 """What the pretraining and the downstream training loops share about checkpoints:
-orbax's restore target, checking that a checkpoint fits, and preemption turned
-into a checkpoint and a clean stop.
+the CheckpointManager they save with, orbax's restore target, checking that a
+checkpoint fits, and preemption turned into a checkpoint and a clean stop (the
+last save awaited before SIGTERM's handler is given back).
 """
 
 import os

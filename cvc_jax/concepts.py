@@ -16,7 +16,8 @@ them.
 """
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -54,7 +55,7 @@ class ViewConcepts(cvc.CVCModel):
     encoder = cvc.ENCODERS[i] if self.separate_encoders else cvc.ENCODERS[0]
     pooled, fmap = resnet3d.build_encoder(self.encoder, self.dtype, encoder)(
         clips, train=False)
-    sigma = self._sigma(cvc.SIGMAS[i], pooled.shape[-1], False)
+    sigma = self._sigma(cvc.SIGMAS[i], False)
     proto = nn.Dense(2 * k, use_bias=False, dtype=self.dtype, name=cvc.PROTOTYPES[i])
     codes = proto(heads.l2_normalize(sigma(pooled)))
     templates = proto.variables["params"]["kernel"].T
@@ -146,8 +147,7 @@ def _model_input(frames: np.ndarray, config, short_side: int) -> jax.Array:
   size = (max(1, round(h * scale)), max(1, round(w * scale)))
   x = jax.image.resize(jnp.asarray(frames, jnp.float32) / 255.0, (n, *size, 3),
                        "linear", antialias=True)
-  mean = jnp.asarray(config.input.mean, jnp.float32)
-  return (x - mean) / jnp.asarray(config.input.std, jnp.float32)
+  return views.normalize(x, config)
 
 
 def clip_starts(num_frames: int, clip_length: int, stride: int) -> np.ndarray:
@@ -160,7 +160,8 @@ def view_clips(x: jax.Array, kind: str, config, stride: int = 1):
   """One kind of view's clips over a video, and which clip shows each frame.
 
   v: clips of T consecutive frames every `stride` frames (a shorter video is
-  repeated to T frames), each frame shown by the clip centred nearest it; d:
+  padded to T frames with its last frame), each frame shown by the clip centred
+  nearest it; d:
   the same clips' frame differences (SPEC 1, `input.diff_wrap` as in
   pretraining); s: each frame repeated T times, a still clip per frame.
 
@@ -244,9 +245,14 @@ def video_attention(model: ViewConcepts, variables, config, frames: np.ndarray, 
     positions resampled to the pixels: in time at the frame's place in the clip,
     in space as `_resample` says).
   """
-  n, h, w, _ = frames.shape
-  t = config.input.num_frames
   x = _model_input(frames, config, short_side or default_short_side(config))
+  return _attention_at(model, variables, config, x, frames.shape[1:3], stride, batch_size)
+
+
+def _attention_at(model: ViewConcepts, variables, config, x: jax.Array,
+                  frame_size: tuple[int, int], stride: int, batch_size: int):
+  """`video_attention` from the model input `x` (`_model_input`), at `frame_size`."""
+  (h, w), t = frame_size, config.input.num_frames
   clips, chosen, offset = view_clips(x, model.kind, config, stride)
   run = _compiled_attention(model)
   codes, attn = [], []
@@ -267,7 +273,9 @@ def video_attention(model: ViewConcepts, variables, config, frames: np.ndarray, 
 
 
 def concepts_of(config, models, variables, frames, *, path: str = "kinds",
-                **kwargs) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                names: Sequence[str] = ("static", "dynamic"), short_side: int | None = None,
+                stride: int = 1, batch_size: int = 16,
+                ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """Codes and attention maps of the static and of the dynamic concepts.
 
   Args:
@@ -277,22 +285,31 @@ def concepts_of(config, models, variables, frames, *, path: str = "kinds",
       C_s), dynamic concepts on frame differences (the d path: dynamic rows of
       C_d), as each kind is learnt; 'rgb': both on the RGB clips (all rows of
       C_v).
-    **kwargs: passed to `video_attention`.
+    names: the kinds of concept to return, of 'static' and 'dynamic' (with
+      'kinds' only their paths run).
+    short_side, stride, batch_size: as `video_attention`'s.
 
   Returns:
-    {'static': ..., 'dynamic': ...}, each (concept ids [K] in 0..2K-1, codes
-    [N, K], attention [N, H, W, K]).
+    {'static': ..., 'dynamic': ...} for `names`, each (concept ids [K] in
+    0..2K-1, codes [N, K], attention [N, H, W, K]).
   """
+  if path not in ("kinds", "rgb"):
+    raise ValueError(f"path must be 'kinds' or 'rgb', got {path!r}.")
   k = config.model.num_concepts
   halves = {"static": np.arange(k), "dynamic": np.arange(k, 2 * k)}
+  if not set(names) <= halves.keys():
+    raise ValueError(f"names must be of 'static' and 'dynamic', got {names!r}.")
+  x = _model_input(frames, config, short_side or default_short_side(config))  # once
+  attention = functools.partial(_attention_at, variables=variables, config=config, x=x,
+                                frame_size=frames.shape[1:3], stride=stride,
+                                batch_size=batch_size)
   if path == "rgb":
-    codes, maps = video_attention(models["v"], variables, config, frames, **kwargs)
-    return {name: (ids, codes[:, ids], maps[..., ids]) for name, ids in halves.items()}
-  if path != "kinds":
-    raise ValueError(f"path must be 'kinds' or 'rgb', got {path!r}.")
+    codes, maps = attention(models["v"])
+    return {name: (halves[name], codes[:, halves[name]], maps[..., halves[name]])
+            for name in names}
   out = {}
-  for name, kind in (("static", "s"), ("dynamic", "d")):
-    codes, maps = video_attention(models[kind], variables, config, frames, **kwargs)
+  for name in names:
+    codes, maps = attention(models["s" if name == "static" else "d"])
     out[name] = (halves[name], codes[:, halves[name]], maps)
   return out
 

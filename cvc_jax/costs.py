@@ -11,6 +11,7 @@ from shapes alone, on any host; `compiled_bytes` is the memory
 import math
 
 import jax
+import jax.extend  # jaxprs_in_params; `import jax` alone does not load it
 
 from cvc_jax import pretrain
 from cvc_jax.models import convolutions

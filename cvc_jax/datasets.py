@@ -4,8 +4,9 @@ sizes, and random access to a split's videos.
 A config names its data set as `config.input.dataset` ("name[/config][:version]",
 in `config.input.data_dir`); the repository's builders (tfds_builders/) take
 precedence over TFDS's catalogue. `cvc_jax.input_pipeline` turns a split's
-videos into batches. This is the module that imports TensorFlow (with TFDS),
-so the model, losses and train step import without it.
+videos into batches. This is the module through which training and evaluation
+import TensorFlow (with TFDS), so the model, losses and train step import
+without it.
 """
 
 import importlib

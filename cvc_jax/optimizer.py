@@ -30,6 +30,12 @@ def lr_schedule(optim, steps_per_epoch: int) -> optax.Schedule:
       optim.lr, {int(e * steps_per_epoch): optim.decay_factor for e in optim.decay_epochs})
 
 
+def scheduled(tx: optax.GradientTransformation, optim,
+              steps_per_epoch: int) -> optax.GradientTransformation:
+  """`tx`'s update scaled by `lr_schedule`: the last step of every trainer's optimiser."""
+  return optax.chain(tx, optax.scale_by_learning_rate(lr_schedule(optim, steps_per_epoch)))
+
+
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
   """Adam with L2 weight decay (or AdamW), the step schedule, frozen prototypes.
 
@@ -44,5 +50,4 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
        "rest": adam_with_decay(config.optim)},
       lambda params: jax.tree_util.tree_map_with_path(
           lambda path, _: "prototypes" if cvc.is_prototype(path) else "rest", params))
-  return optax.chain(grouped, optax.scale_by_learning_rate(
-      lr_schedule(config.optim, steps_per_epoch)))
+  return scheduled(grouped, config.optim, steps_per_epoch)

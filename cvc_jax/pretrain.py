@@ -30,8 +30,8 @@ from cvc_jax.models import cvc
 
 TERMS = ("I_vv", "I_vs", "I_vd", "align_s", "align_d", "entropy_s", "entropy_d",
          "rec_v", "rec_s", "rec_d", "loc_v", "loc_s", "loc_d")
+NUM_VIEWS = len(views_lib.VIEWS)  # v1 v2 s1 s2 d1 d2: the clips a video gives each step
 # Views per concept kind: static concepts align v1 v2 s1 s2, dynamic v1 v2 d1 d2.
-NUM_VIEWS = 6  # v1 v2 s1 s2 d1 d2: the clips a video gives each step
 STATIC_VIEWS = np.array([0, 1, 2, 3])
 DYNAMIC_VIEWS = np.array([0, 1, 4, 5])
 
@@ -180,7 +180,7 @@ def create_train_state(config, rng: jax.Array, views_shape, steps_per_epoch: int
   params = cvc.normalize_prototypes(variables["params"])
   tx = optimizer.make_optimizer(config, steps_per_epoch)
   queue = jax.random.normal(
-      queue_rng, (config.loss.queue_size, 6, 2 * config.model.num_concepts))
+      queue_rng, (config.loss.queue_size, NUM_VIEWS, 2 * config.model.num_concepts))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}),
                     opt_state=tx.init(params), queue=queue, tx=tx, model=model)
@@ -258,7 +258,8 @@ def frames_train_step(config, steps_per_epoch: int):
 
 def jitted_train_step(config, steps_per_epoch: int, mesh, compiler_options=None):
   """`frames_train_step` jitted on `mesh` as pretraining runs it: the state and key
-  replicated, the batch split over `data`, the state donated."""
+  replicated, the batch split over `data`, the state donated; `compiler_options`
+  go to XLA as given."""
   replicated, batch_sharding = parallel.shardings(mesh)
   return jax.jit(frames_train_step(config, steps_per_epoch), donate_argnums=(0,),
                  in_shardings=(replicated, batch_sharding, replicated),

@@ -169,9 +169,9 @@ def _video_views(frames, size, key, *, config):
 
 
 def frame_differences(clips: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
-  """The d view of clips [M, T, ...] (SPEC 1): with `input.diff_wrap`, v -
-  roll(v, 1), the reference's (frame 0 minus frame T-1); else zero, then the
-  consecutive differences."""
+  """The d view of clips [M, T, ...] (SPEC 1): with `input.diff_wrap`, clips -
+  roll(clips, 1) along T, the reference's (frame 0 minus frame T-1); else zero,
+  then the consecutive differences."""
   if config.input.diff_wrap:
     return clips - jnp.roll(clips, 1, axis=1)
   return jnp.concatenate([jnp.zeros_like(clips[:, :1]), clips[:, 1:] - clips[:, :-1]],

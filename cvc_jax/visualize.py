@@ -70,8 +70,8 @@ def draw(loaded, video: str, out: str, *, num_concepts: int = 3, path: str = "ki
          stride: int = 1) -> dict[str, Any]:
   """Concept pictures of a video: the most active static and dynamic concepts.
 
-  Writes concepts.png, concepts.gif and attention.npz (the drawn maps at frame
-  resolution, their concept ids and every code) to `out`.
+  Writes concepts.png, concepts.gif and attention.npz (the frames, and the drawn
+  concepts' ids, per-frame codes and maps at frame resolution) to `out`.
 
   Args:
     loaded: a checkpoint's (config, models, variables), as `concepts.load`
@@ -95,8 +95,9 @@ def draw(loaded, video: str, out: str, *, num_concepts: int = 3, path: str = "ki
                                short_side=short_side, stride=stride)
   k = config.model.num_concepts
   drawn, columns = {}, []
-  for name, (ids, codes, maps) in found.items():
-    best = concepts.top((ids, codes, maps), num_concepts)
+  for name, kind in found.items():
+    ids, codes, maps = kind
+    best = concepts.top(kind, num_concepts)
     drawn[name] = (ids[best], codes[:, best], maps[..., best])
     columns += [(f"{name[0].upper()}{ids[j] % k} {codes[:, j].mean():.2f}", maps[..., j])
                 for j in best]

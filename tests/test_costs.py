@@ -65,5 +65,3 @@ def test_jaxpr_flops_counts_convolutions_and_products_by_hand():
   assert count(loop, m) == 4 * 2 * 6 ** 3
   branches = lambda p, m: jax.lax.cond(p, lambda m: m @ m @ m, lambda m: m, m)
   assert count(branches, True, m) == 2 * 2 * 6 ** 3  # the costlier branch
-
-

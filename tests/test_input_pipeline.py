@@ -481,8 +481,9 @@ def test_pipeline_benchmark_times_the_frames_the_pipeline_decodes(data_dir, monk
   # pylint: disable=protected-access
   config = bench._config("synthetic_motion/tiny", str(data_dir), 4)
   # The decoding it times alone: the distinct frames pretrain_batches reads.
-  samples = bench._pretrain_samples(config, datasets.data_source(config, "train"),
-                                    range(3, 4))
+  source = datasets.data_source(config, "train")
+  samples = bench._pretrain_samples(config, source,
+                                    bench._pretrain_videos(config, len(source), range(3, 4)))
   batch = next(input_pipeline.pretrain_batches(config, start_step=3))
   assert len(samples) == len(batch["frames"]) == 4
   for (encoded, indices), clip in zip(samples, batch["frames"]):

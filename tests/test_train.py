@@ -215,9 +215,10 @@ def test_every_variant_takes_a_step(variant):
   config = ucf101.get_config(f"{variant},runlocal")
   # runlocal shrinks the variant, but it is still a variant.
   assert config.to_dict() != ucf101.get_config("runlocal").to_dict()
-  t, (h, w), s = config.input.num_frames, config.input.raw_size, config.input.crop_size
+  t, (h, w) = config.input.num_frames, config.input.raw_size
   frames = np.random.default_rng(0).integers(0, 256, (4, 2 * t, h, w, 3), np.uint8)
-  state = pretrain.init_train_state(config, jax.random.key(0), (4, 6, t, s, s, 3), 1)
+  state = pretrain.init_train_state(config, jax.random.key(0),
+                                   pretrain.views_shape_of(config, batch=4), 1)
 
   @jax.jit
   def step(state, frames):

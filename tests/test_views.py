@@ -297,7 +297,7 @@ def test_no_grayscale_work_at_gray_prob_0():
   assert program(never + (("gray", "channel"),)) == program(never + (("gray", "luma"),))
   for kind in ("luma", "channel"):  # grey's equations are traced only where used
     kind = (("gray", kind),)
-    used = program(GEOMETRY_ONLY[1:] + (("gray_prob", 0.5),) + kind).count("\n")
+    used = program(GEOMETRY_ONLY + (("gray_prob", 0.5),) + kind).count("\n")
     assert program(GEOMETRY_ONLY + kind).count("\n") < used
 
 

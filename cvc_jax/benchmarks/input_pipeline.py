@@ -160,14 +160,10 @@ def _pretrain_videos(config, split_size: int, steps: range) -> list[tuple[int, i
                                             batch_size=config.batch_size)]
 
 
-def _pretrain_samples(config, source, steps: range) -> list[tuple[list[bytes], np.ndarray]]:
-  """(a video's JPEG frames, the indices pretrain_batches decodes) of every
-  video of the global batches of `steps`."""
-  return _samples_of(config, source, _pretrain_videos(config, len(source), steps))
-
-
-def _samples_of(config, source, videos: list[tuple[int, int]]):
-  """`_pretrain_samples` of the given (step, video index) pairs."""
+def _pretrain_samples(config, source, videos: list[tuple[int, int]],
+                      ) -> list[tuple[list[bytes], np.ndarray]]:
+  """(a video's JPEG frames, the indices pretrain_batches decodes) of each
+  (step, video index) of `_pretrain_videos`."""
   out = []
   for step, video in videos:
     encoded = source[video]["video"]
@@ -205,7 +201,8 @@ def measure(dataset: str, data_dir: str, *, split: str, eval_split: str,
   eval_source = datasets.data_source(config, eval_split)
   warmup = config.input.prefetch + 1
   raw = sampling.raw_size(config)
-  pretrain = _pretrain_samples(config, source, range(warmup, warmup + batches))
+  pretrain = _pretrain_samples(
+      config, source, _pretrain_videos(config, len(source), range(warmup, warmup + batches)))
   evaluation = _eval_samples(config, eval_source, len(eval_source))
   results = {}
   for _ in range(repeats):
@@ -245,7 +242,7 @@ def per_video_costs(dataset: str, data_dir: str, *, split: str, eval_split: str,
     config.batch_size = min(videos, len(source))  # step 0's videos, for pretraining
     if kind == "pretrain":
       step_0 = _pretrain_videos(config, len(source), range(1))
-      samples, read = _samples_of(config, source, step_0), [v for _, v in step_0]
+      samples, read = _pretrain_samples(config, source, step_0), [v for _, v in step_0]
     else:
       samples = _eval_samples(config, source, videos)
       read = list(range(len(samples)))
@@ -269,8 +266,9 @@ def per_video_costs(dataset: str, data_dir: str, *, split: str, eval_split: str,
 
 
 def tf_data_rate(dataset: str, tf_data_dir: str, *, split: str,
-                 batch_size: int, batches: int) -> float:
-  """Pretraining samples/s of the same sampling and decoding in tf.data."""
+                 batch_size: int, batches: int) -> tuple[float, float]:
+  """(samples/s, samples per CPU second) of pretraining's sampling and decoding
+  written in tf.data, in its steady state (`_steady_rate`)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 

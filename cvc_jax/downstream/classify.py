@@ -51,8 +51,8 @@ class Classifier(nn.Module):
 
 def _optimizer(config, steps_per_epoch: int, linear: bool):
   """config.optim's Adam (or AdamW) and step schedule, as in pretraining."""
-  tx = optax.chain(optimizer.adam_with_decay(config.optim), optax.scale_by_learning_rate(
-      optimizer.lr_schedule(config.optim, steps_per_epoch)))
+  tx = optimizer.scheduled(optimizer.adam_with_decay(config.optim), config.optim,
+                           steps_per_epoch)
   if not linear:
     return tx
   # Linear probe: the encoder gets no update at all (no weight decay either).

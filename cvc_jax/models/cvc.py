@@ -14,7 +14,6 @@ import jax.numpy as jnp
 from cvc_jax.models import heads
 from cvc_jax.models import resnet3d
 
-VIEWS = ("v1", "v2", "s1", "s2", "d1", "d2")
 # The global contrast projections, named as the authors' (their "MI estimation").
 PROJECTIONS = ("fvv", "fvs", "fvd", "fsv", "fdv")
 # Prototypes, sigma heads, decoders and encoders per kind of view (v, s, d).
@@ -119,7 +118,7 @@ class CVCModel(nn.Module):
     #    sigma runs one view at a time, so an MLP sigma's BatchNorm sees B samples.
     codes, prototypes = [], []
     for i, (sigma_name, proto_name) in enumerate(zip(SIGMAS, PROTOTYPES)):
-      sigma = self._sigma(sigma_name, d, train)
+      sigma = self._sigma(sigma_name, train)
       proto = nn.Dense(2 * k, use_bias=False, dtype=self.dtype, name=proto_name)
       for j in (2 * i, 2 * i + 1):
         codes.append(proto(heads.l2_normalize(sigma(pooled[:, j]))))
@@ -163,7 +162,7 @@ class CVCModel(nn.Module):
       return resnet3d.feature_dim(self.encoder)
     return self.sigma_dim
 
-  def _sigma(self, name, d, train):
+  def _sigma(self, name, train):
     if self.sigma == "identity":
       return lambda x: x
     if self.sigma == "linear":
