@@ -51,18 +51,14 @@ class ViewConcepts(cvc.CVCModel):
     (`concept_attention`).
     """
     del train  # always inference: running BatchNorm statistics
-    i, k = "vsd".index(self.kind), self.num_concepts
+    i = "vsd".index(self.kind)
     encoder = cvc.ENCODERS[i] if self.separate_encoders else cvc.ENCODERS[0]
     pooled, fmap = resnet3d.build_encoder(self.encoder, self.dtype, encoder)(
         clips, train=False)
-    sigma = self._sigma(cvc.SIGMAS[i], False)
-    proto = nn.Dense(2 * k, use_bias=False, dtype=self.dtype, name=cvc.PROTOTYPES[i])
-    codes = proto(heads.l2_normalize(sigma(pooled)))
-    templates = proto.variables["params"]["kernel"].T
-    templates = {"v": templates, "s": templates[:k], "d": templates[k:]}[self.kind]
+    concept_codes, templates = self._concept_head(i, train=False)
+    codes = concept_codes(pooled)
     tokens = fmap.reshape((fmap.shape[0], -1, fmap.shape[-1]))
-    lit = heads.LocalConceptAggregation(self.concept_dim, dtype=self.dtype, name="lit")
-    return codes.astype(jnp.float32), lit(tokens, templates.astype(self.dtype))
+    return codes.astype(jnp.float32), self._local_concepts()(tokens, templates())
 
 
 def load(workdir: str, step: int | None = None):
@@ -73,12 +69,16 @@ def load(workdir: str, step: int | None = None):
   """
   config_dict, variables, step = exported.read_workdir(workdir, step=step)
   config = ml_collections.ConfigDict(config_dict)
-  full = cvc.build_model(config)
-  fields = {f.name: getattr(full, f.name) for f in dataclasses.fields(full)
-            if f.init and f.name not in ("parent", "name")}
   variables = dict(variables, params=cvc.normalize_prototypes(variables["params"]))
   logging.info("Concepts of %s, step %d.", workdir, step)
-  return config, {kind: ViewConcepts(kind=kind, **fields) for kind in "vsd"}, variables
+  return config, view_paths(cvc.build_model(config)), variables
+
+
+def view_paths(model: cvc.CVCModel) -> dict[str, ViewConcepts]:
+  """{kind: ViewConcepts} of a pretraining model, for 'v', 's' and 'd'."""
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.init and f.name not in ("parent", "name")}
+  return {kind: ViewConcepts(kind=kind, **fields) for kind in "vsd"}
 
 
 def concept_attention(model: ViewConcepts, variables, clips):

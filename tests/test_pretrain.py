@@ -10,10 +10,12 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import reference, ucf101
+from cvc_jax import concepts
 from cvc_jax import models
 from cvc_jax import parallel
 from cvc_jax import pretrain
 from cvc_jax.models import cvc
+from cvc_jax.models import heads
 from tests import jaxprs
 
 B = 8  # one video per fake device
@@ -219,6 +221,24 @@ def test_the_concept_space_follows_the_encoder_unless_set():
                                        r"encoder width 64, got 24"):
     jax.eval_shape(functools.partial(cvc.build_model(config).init, train=False),
                    jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("variant", ["sigma=identity", "sigma=mlp,encoders=separate"])
+def test_each_view_path_is_the_pretraining_models_own(variant):
+  # concepts.ViewConcepts runs one kind of view alone; in eval mode its codes
+  # and local features are CVCModel's for that kind's views.
+  config = ucf101.get_config(f"{variant},runlocal")
+  variables, views, _ = _setup(config, batch=2)
+  variables = dict(variables, params=cvc.normalize_prototypes(variables["params"]))
+  model = cvc.build_model(config)
+  out = model.apply(variables, views, train=False)
+  for i, (kind, path) in enumerate(concepts.view_paths(model).items()):
+    for j in (2 * i, 2 * i + 1):
+      codes, local = path.apply(variables, views[:, j])
+      np.testing.assert_allclose(codes, out["codes"][:, j], rtol=1e-5, atol=1e-6,
+                                 err_msg=kind)
+      np.testing.assert_allclose(heads.l2_normalize(local), out["local"][kind][:, j - 2 * i],
+                                 rtol=1e-5, atol=1e-6, err_msg=kind)
 
 
 def test_an_encoder_without_4_stages_is_named():

@@ -116,13 +116,10 @@ class CVCModel(nn.Module):
 
     # 3) Concept codes c = normalize(sigma(h)) C^T, prototypes C per kind of view.
     #    sigma runs one view at a time, so an MLP sigma's BatchNorm sees B samples.
-    codes, prototypes = [], []
-    for i, (sigma_name, proto_name) in enumerate(zip(SIGMAS, PROTOTYPES)):
-      sigma = self._sigma(sigma_name, train)
-      proto = nn.Dense(2 * k, use_bias=False, dtype=self.dtype, name=proto_name)
-      for j in (2 * i, 2 * i + 1):
-        codes.append(proto(heads.l2_normalize(sigma(pooled[:, j]))))
-      prototypes.append(proto.variables["params"]["kernel"].T)  # [2K, concept_dim]
+    codes, templates = [], {}
+    for i, kind in enumerate("vsd"):
+      concept_codes, templates[kind] = self._concept_head(i, train)
+      codes.extend(concept_codes(pooled[:, j]) for j in (2 * i, 2 * i + 1))
     codes = jnp.stack(codes, axis=1)
 
     # 4) Decoders reconstruct h from the code: g_v from all 2K entries of v1 and
@@ -136,14 +133,12 @@ class CVCModel(nn.Module):
                                dtype=self.dtype, batch_norm=True)
       rec[kind] = decoder(part.reshape(2 * b, -1)).reshape(b, 2, d).astype(jnp.float32)
 
-    # 5) Local concept aggregation, one block shared by all views. Templates: all
-    #    rows of C_v for v, the static rows of C_s for s, dynamic rows of C_d for d.
-    lit = heads.LocalConceptAggregation(self.concept_dim, dtype=self.dtype, name="lit")
-    templates = {"v": prototypes[0], "s": prototypes[1][:k], "d": prototypes[2][k:]}
+    # 5) Local concept aggregation, one block shared by all views.
+    lit = self._local_concepts()
     local = {}
     for i, kind in enumerate("vsd"):
       tokens = fmap[:, 2 * i:2 * i + 2].reshape((2 * b,) + fmap.shape[2:])
-      u = lit(tokens, templates[kind].astype(self.dtype))
+      u = lit(tokens, templates[kind]())
       local[kind] = heads.l2_normalize(u.astype(jnp.float32)).reshape(
           (b, 2) + u.shape[1:])
 
@@ -161,6 +156,30 @@ class CVCModel(nn.Module):
     if self.sigma_dim is None:
       return resnet3d.feature_dim(self.encoder)
     return self.sigma_dim
+
+  def _concept_head(self, i, train):
+    """The concept head of kind i (0 v, 1 s, 2 d), shared with `concepts.ViewConcepts`.
+
+    Returns (codes, templates): `codes` maps pooled features [N, D] to
+    normalize(sigma(h)) C^T, [N, 2K]; `templates()` is that kind's rows of its
+    prototypes C for the local concepts (SPEC 3): all 2K of C_v for v, the static
+    K of C_s for s, the dynamic K of C_d for d.
+    """
+    sigma = self._sigma(SIGMAS[i], train)
+    proto = nn.Dense(2 * self.num_concepts, use_bias=False, dtype=self.dtype,
+                     name=PROTOTYPES[i])
+    rows = {0: slice(None), 1: slice(None, self.num_concepts),
+            2: slice(self.num_concepts, None)}[i]
+
+    def templates():
+      kernel = proto.variables["params"]["kernel"]  # [concept_dim, 2K]
+      return kernel.T[rows].astype(self.dtype)
+
+    return lambda pooled: proto(heads.l2_normalize(sigma(pooled))), templates
+
+  def _local_concepts(self):
+    """The local concept aggregation block, one for every kind of view (SPEC 3)."""
+    return heads.LocalConceptAggregation(self.concept_dim, dtype=self.dtype, name="lit")
 
   def _sigma(self, name, train):
     if self.sigma == "identity":
