@@ -205,9 +205,12 @@ def test_demo_compares_pretrained_and_random_on_both_labels(tmp_path, data_dir,
   workdir = str(tmp_path)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort())
-  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  manager.save(0, args=ocp.args.StandardSave(pretrain._checkpoint_tree(state, rng)))  # pylint: disable=protected-access
-  manager.wait_until_finished()
+
+  def save(step, state):
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+      manager.save(step, args=ocp.args.StandardSave(pretrain._checkpoint_tree(state, rng)))  # pylint: disable=protected-access
+
+  save(0, state)
   table = demo.compare(config, workdir)
   rows = [line for line in table.splitlines()[2:] if line.startswith("|")]
   assert len(rows) == 4  # {pretrained, random} x {static, dynamic}
@@ -227,8 +230,7 @@ def test_demo_compares_pretrained_and_random_on_both_labels(tmp_path, data_dir,
            for i, x in enumerate(leaves)]
   moved = state.replace(params=dict(state.params,
                                     backbone=jax.tree_util.tree_unflatten(tree, noisy)))
-  manager.save(1, args=ocp.args.StandardSave(pretrain._checkpoint_tree(moved, rng)))  # pylint: disable=protected-access
-  manager.wait_until_finished()
+  save(1, moved)
   evaluated = []  # the encoder variables each row's features came from
   features = evaluate.features
   def spy(config, module, variables, **kwargs):

@@ -210,3 +210,22 @@ def test_separate_encoders_export_the_chosen_one(tmp_path, workdir):
     export.export(workdir[0], str(tmp_path / "x"), encoder="backbone_s")
   with pytest.raises(FileExistsError, match="backbone exists; an export never replaces"):
     export.export(path, str(tmp_path / "backbone"))
+
+
+def test_finding_the_newest_checkpoint_closes_its_manager(monkeypatch, workdir):
+  # An open CheckpointManager keeps orbax's machinery running until exit.
+  opened, closed = [], []
+
+  class Recording(ocp.CheckpointManager):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      opened.append(self)
+
+    def close(self):
+      closed.append(self)
+      super().close()
+
+  monkeypatch.setattr(ocp, "CheckpointManager", Recording)
+  path, step = exported.latest_checkpoint(workdir[0])
+  assert step == 3 and path.endswith(os.path.join("checkpoints", "3", "default"))
+  assert len(opened) == 1 and closed == opened

@@ -92,7 +92,8 @@ def latest_checkpoint(workdir: str, step: int | None = None) -> tuple[str, int]:
     raise FileNotFoundError(f"{workdir!r} has no checkpoints/ (nor {ARCH_FILE}): give a "
                             "pretraining workdir or an exported encoder.")
   if step is None:
-    step = ocp.CheckpointManager(ckpts).latest_step()
+    with ocp.CheckpointManager(ckpts) as manager:
+      step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"No finished checkpoint in {ckpts}.")
   path = os.path.join(ckpts, str(step), "default")
