@@ -111,7 +111,7 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.DEFINE_string("init_from", None, "A pretraining workdir.", required=True)
-  flags.DEFINE_enum("path", "kinds", ["kinds", "rgb"], "As cvc_jax.visualize's --path.")
+  flags.DEFINE_enum("path", "kinds", concepts.PATHS, "As cvc_jax.visualize's --path.")
   flags.DEFINE_integer("videos", 16, "Test videos to look at (the still ones are "
                        "skipped).")
   flags.DEFINE_integer("short_side", None, "As cvc_jax.visualize's --short_side: the "

@@ -272,6 +272,17 @@ def _attention_at(model: ViewConcepts, variables, config, x: jax.Array,
   return codes[chosen], np.einsum("yh,nhwc,xw->nyxc", ry, per_frame, rx)
 
 
+# Which paths concepts are read on: 'kinds', each kind on the view it is learnt
+# from (static on stills, dynamic on frame differences), or 'rgb', both on the
+# RGB clips.
+PATHS = ("kinds", "rgb")
+
+
+def _check_path(path: str) -> None:
+  if path not in PATHS:
+    raise ValueError(f"path must be one of {PATHS}, got {path!r}.")
+
+
 def concepts_of(config, models, variables, frames, *, path: str = "kinds",
                 names: Sequence[str] = ("static", "dynamic"), short_side: int | None = None,
                 stride: int = 1, batch_size: int = 16,
@@ -293,8 +304,7 @@ def concepts_of(config, models, variables, frames, *, path: str = "kinds",
     {'static': ..., 'dynamic': ...} for `names`, each (concept ids [K] in
     0..2K-1, codes [N, K], attention [N, H, W, K]).
   """
-  if path not in ("kinds", "rgb"):
-    raise ValueError(f"path must be 'kinds' or 'rgb', got {path!r}.")
+  _check_path(path)
   k = config.model.num_concepts
   halves = {"static": np.arange(k), "dynamic": np.arange(k, 2 * k)}
   if not set(names) <= halves.keys():
@@ -330,6 +340,7 @@ def clip_codes(config, models, path: str = "kinds"):
   repeated), the dynamic half from the dynamic path (the clip's frame
   differences); 'rgb': both halves from the RGB path.
   """
+  _check_path(path)
   k, t = config.model.num_concepts, config.input.num_frames
 
   def per_clip(variables, clips):

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cvc_jax import pretrain
 from cvc_jax.models import cvc
 from cvc_jax.models import resnet3d
 
@@ -272,9 +273,9 @@ def from_torch(state_dict: Mapping[str, Any], config) -> dict[str, Any]:
         if not re.match(r"^backbone(_s|_d)?\.fc\.", k)}
   variables = torch_to_flax(sd)
   model = cvc.build_model(config)
-  t, s = config.input.num_frames, config.input.crop_size
   expected = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((2, 6, t, s, s, 3)), train=False))
+      jax.random.PRNGKey(0), jnp.zeros(pretrain.views_shape_of(config, batch=2)),
+      train=False))
   _check_against(variables, expected,
                  hint=" Check config.model (encoder, num_concepts, sigma, decoder_hidden, "
                       "proj_*, separate_encoders) against the checkpoint.")

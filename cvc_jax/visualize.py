@@ -141,7 +141,7 @@ if __name__ == "__main__":
                       "of uint8 [N, H, W, 3] frames.")
   flags.DEFINE_string("out", None, "Folder for the pictures.")
   flags.DEFINE_integer("num_concepts", 3, "Concepts of each kind to draw.")
-  flags.DEFINE_enum("path", "kinds", ["kinds", "rgb"],
+  flags.DEFINE_enum("path", "kinds", concepts.PATHS,
                     "kinds: static concepts on still frames (C_s), dynamic concepts "
                     "on frame differences (C_d); rgb: both on the RGB clips (C_v).")
   flags.DEFINE_integer("max_frames", 64, "Frames of the video to use.")

@@ -317,6 +317,16 @@ def test_concept_usage_histogram_over_a_data_set(tmp_path, workdir):
     assert png.format == "PNG"
 
 
+def test_an_unknown_path_is_named_before_any_work(workdir):
+  loaded = concepts.load(workdir)
+  frames = np.zeros((4, 32, 32, 3), np.uint8)
+  match = r"path must be one of \('kinds', 'rgb'\), got 'RGB'"
+  with pytest.raises(ValueError, match=match):
+    concepts.concepts_of(*loaded, frames, path="RGB")
+  with pytest.raises(ValueError, match=match):  # no such data set is ever read
+    concepts.concept_usage(*loaded, dataset="nothing/here", split="test", path="RGB")
+
+
 def test_video_files_are_decoded_as_the_builders_decode_them(tmp_path):
   import av  # pylint: disable=g-import-not-at-top
   frames = motion.make_video("test", MOVING_VIDEOS[0])["video"][:10]
