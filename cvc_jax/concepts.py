@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cvc_jax import sampling
 from cvc_jax import views
 from cvc_jax.models import cvc
 from cvc_jax.models import exported
@@ -159,11 +160,12 @@ def clip_starts(num_frames: int, clip_length: int, stride: int) -> np.ndarray:
 def view_clips(x: jax.Array, kind: str, config, stride: int = 1):
   """One kind of view's clips over a video, and which clip shows each frame.
 
-  v: clips of T consecutive frames every `stride` frames (a shorter video is
-  padded to T frames with its last frame), each frame shown by the clip centred
-  nearest it; d:
-  the same clips' frame differences (SPEC 1, `input.diff_wrap` as in
-  pretraining); s: each frame repeated T times, a still clip per frame.
+  v: clips of T consecutive frames every `stride` frames, each frame shown by
+  the clip centred nearest it (a video shorter than T is one clip, stretched
+  over T frames as pretraining and evaluation stretch it, each frame at the
+  middle of its repeats); d: the same clips' frame differences (SPEC 1,
+  `input.diff_wrap` as in pretraining); s: each frame repeated T times, a still
+  clip per frame.
 
   Args:
     x: normalised frames [N, h, w, 3].
@@ -179,12 +181,18 @@ def view_clips(x: jax.Array, kind: str, config, stride: int = 1):
   if kind == "s":
     return (jnp.broadcast_to(x[:, None], (n, t) + x.shape[1:]), np.arange(n),
             np.full(n, (t - 1) // 2))
-  index = np.minimum(np.arange(max(n, t)), n - 1)
-  starts, chosen = frame_clips(n, t, stride)
-  clips = x[index[starts[:, None] + np.arange(t)]]
+  if n < t:
+    index = sampling.eval_clip_indices(n, num_clips=1, clip_length=t)
+    chosen = np.zeros(n, np.int64)
+    offset = np.array([np.flatnonzero(index[0] == i).mean() for i in range(n)])
+    offset = np.floor(offset).astype(np.int64)
+  else:
+    starts, chosen = frame_clips(n, t, stride)
+    index, offset = starts[:, None] + np.arange(t), np.arange(n) - starts[chosen]
+  clips = x[index]
   if kind == "d":
     clips = views.frame_differences(clips, config)
-  return clips, chosen, np.arange(n) - starts[chosen]
+  return clips, chosen, offset
 
 
 def frame_clips(num_frames: int, clip_length: int, stride: int = 1):

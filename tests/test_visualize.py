@@ -43,6 +43,7 @@ from benchmarks import attention_on_object
 from cvc_jax import concepts
 from cvc_jax import models
 from cvc_jax import pretrain
+from cvc_jax import sampling
 from cvc_jax import visualize
 from cvc_jax.models import heads
 from cvc_jax.models import resnet3d
@@ -155,6 +156,15 @@ def test_resample_and_clip_choice():
   np.testing.assert_allclose(d[0, :, 0, 0, 0], [0 - 3, 1, 1, 1])  # wraps, as pretraining
   s, chosen, offset = concepts.view_clips(x, "s", config)
   np.testing.assert_allclose(s[:, :, 0, 0, 0], np.repeat(np.arange(10.0)[:, None], 4, 1))
+  # A video shorter than a clip is stretched over one clip, as pretraining
+  # stretches it, each frame placed at the middle of its repeats.
+  config.input.num_frames = 8
+  clips, chosen, offset = concepts.view_clips(x[:3], "v", config)
+  stretched = sampling.sample_indices(3, 0, num_out=8, max_rate=2.0)
+  np.testing.assert_array_equal(stretched, [0, 0, 1, 1, 2, 2, 2, 2])
+  np.testing.assert_array_equal(clips[:, :, 0, 0, 0], [stretched])
+  np.testing.assert_array_equal(chosen, [0, 0, 0])
+  np.testing.assert_array_equal(offset, [0, 2, 5])
 
 
 def _planted_attention(real):
