@@ -51,11 +51,10 @@ def read_video(path: str, max_frames: int | None = None) -> np.ndarray:
     return frames[:max_frames]
   from tfds_builders import video_io  # pylint: disable=g-import-not-at-top
   try:
-    encoded, _ = video_io.encode_video(path, short_side=None)
+    encoded, _ = video_io.encode_video(path, short_side=None, max_frames=max_frames)
   except video_io.VideoError as e:  # its message names no file (the builders' manifest does)
     raise video_io.VideoError(f"{path}: {e}") from None
-  return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
-                   for b in encoded[:max_frames]])
+  return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in encoded])
 
 
 def visualize(init_from: str, video: str, out: str, *, step: int | None = None,

@@ -337,7 +337,7 @@ def test_an_unknown_path_is_named_before_any_work(workdir):
     concepts.concept_usage(*loaded, dataset="nothing/here", split="test", path="RGB")
 
 
-def test_video_files_are_decoded_as_the_builders_decode_them(tmp_path):
+def test_video_files_are_decoded_as_the_builders_decode_them(tmp_path, monkeypatch):
   import av  # pylint: disable=g-import-not-at-top
   frames = motion.make_video("test", MOVING_VIDEOS[0])["video"][:10]
   with av.open(str(tmp_path / "video.mp4"), "w") as container:
@@ -347,8 +347,18 @@ def test_video_files_are_decoded_as_the_builders_decode_them(tmp_path):
     for frame in frames:
       container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
     container.mux(stream.encode())
+  from tfds_builders import video_io  # pylint: disable=g-import-not-at-top
+  saved = []  # the frames JPEG-encoded: only the 8 kept
+  real_save = Image.Image.save
+
+  def counting_save(image, *args, **kwargs):
+    saved.append(image.size)
+    return real_save(image, *args, **kwargs)
+
+  monkeypatch.setattr(Image.Image, "save", counting_save)
   got = visualize.read_video(str(tmp_path / "video.mp4"), max_frames=8)
-  assert got.shape == (8, 40, 48, 3) and got.dtype == np.uint8
+  assert got.shape == (8, 40, 48, 3) and got.dtype == np.uint8 and len(saved) == 8
+  assert len(visualize.read_video(str(tmp_path / "video.mp4"))) == 10
   # Lossy codec and JPEG (7.3 grey levels off on average here), frame by frame:
   # each decoded frame is nearest its own source frame, and no colour shifts.
   errors = np.abs(got[:, None].astype(float) - frames[None]).mean(axis=(2, 3, 4))
@@ -358,6 +368,5 @@ def test_video_files_are_decoded_as_the_builders_decode_them(tmp_path):
   np.save(tmp_path / "video.npy", frames)
   np.testing.assert_array_equal(visualize.read_video(str(tmp_path / "video.npy"), 8),
                                 frames[:8])
-  from tfds_builders import video_io  # pylint: disable=g-import-not-at-top
   with pytest.raises(video_io.VideoError, match="gone.mp4: missing: no such file"):
     visualize.read_video(str(tmp_path / "gone.mp4"))

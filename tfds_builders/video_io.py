@@ -67,13 +67,16 @@ def output_size(height: int, width: int, short_side: int | None) -> tuple[int, i
 
 
 def encode_video(source: str | bytes, short_side: int | None,
-                 quality: int = JPEG_QUALITY) -> tuple[list[bytes], float]:
+                 quality: int = JPEG_QUALITY, max_frames: int | None = None,
+                 ) -> tuple[list[bytes], float]:
   """Decodes every frame of a video file, resized and JPEG-encoded.
 
   Args:
     source: a path or the file's bytes.
     short_side: the short side of the stored frames; None keeps the native size.
     quality: JPEG quality.
+    max_frames: stop after this many frames (None: all); the rest of the file
+      is not read, so damage past them goes unnoticed.
 
   Returns:
     (frames, fps): the JPEG bytes of every frame, and the stream's frame rate.
@@ -99,6 +102,8 @@ def encode_video(source: str | bytes, short_side: int | None,
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=quality)
         frames.append(buffer.getvalue())
+        if len(frames) == max_frames:
+          break
   except av.error.FFmpegError as e:
     # A truncated file often yields its first frames and then an error: the
     # video is damaged, so it is skipped rather than stored cut short.
