@@ -59,12 +59,12 @@ def read_video(path: str, max_frames: int | None = None) -> np.ndarray:
 
 def visualize(init_from: str, video: str, out: str, *, step: int | None = None,
               **kwargs) -> dict[str, Any]:
-  """`draw(concepts.load(init_from, step), video, out, **kwargs)`: the pictures
+  """`draw(*concepts.load(init_from, step), video, out, **kwargs)`: the pictures
   from a pretraining workdir's checkpoint (default its newest)."""
-  return draw(concepts.load(init_from, step), video, out, **kwargs)
+  return draw(*concepts.load(init_from, step), video, out, **kwargs)
 
 
-def draw(loaded, video: str, out: str, *, num_concepts: int = 3, path: str = "kinds",
+def draw(config, models, variables, video: str, out: str, *, num_concepts: int = 3, path: str = "kinds",
          max_frames: int | None = 64, short_side: int | None = None,
          stride: int = 1) -> dict[str, Any]:
   """Concept pictures of a video: the most active static and dynamic concepts.
@@ -73,8 +73,8 @@ def draw(loaded, video: str, out: str, *, num_concepts: int = 3, path: str = "ki
   concepts' ids, per-frame codes and maps at frame resolution) to `out`.
 
   Args:
-    loaded: a checkpoint's (config, models, variables), as `concepts.load`
-      returns them: load once to draw several videos or count concept usage too.
+    config, models, variables: a checkpoint's, as `concepts.load` returns them:
+      load once to draw several videos or count concept usage too.
     video: a video file (any format PyAV reads) or a .npy of uint8 [N, H, W, 3].
     out: the folder to write to.
     num_concepts: concepts of each kind to draw.
@@ -88,7 +88,6 @@ def draw(loaded, video: str, out: str, *, num_concepts: int = 3, path: str = "ki
     {'paths': [...], 'static'/'dynamic': (ids, codes, maps) of the drawn
     concepts, most active first}.
   """
-  config, models, variables = loaded
   frames = read_video(video, max_frames)
   found = concepts.concepts_of(config, models, variables, frames, path=path,
                                short_side=short_side, stride=stride)
@@ -118,7 +117,7 @@ def main(argv):
     raise app.UsageError("Give --video, --dataset or both.")
   loaded = concepts.load(f.init_from, f.step)
   if f.video:
-    drawn = draw(loaded, f.video, f.out, num_concepts=f.num_concepts, path=f.path,
+    drawn = draw(*loaded, f.video, f.out, num_concepts=f.num_concepts, path=f.path,
                  max_frames=f.max_frames, short_side=f.short_side, stride=f.stride)
     for name in ("static", "dynamic"):
       print(f"Most active {name} concepts: {drawn[name][0].tolist()}")

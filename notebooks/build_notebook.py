@@ -160,7 +160,7 @@ video = os.path.join(WORKDIR, "video.npy")
 np.save(video, motion.make_video("test", VIDEO_INDEX)["video"])
 picture_dir = os.path.join(WORKDIR, "concepts")
 loaded = concepts.load(WORKDIR)  # (config, models, variables): read once, used twice
-drawn = visualize.draw(loaded, video, picture_dir)
+drawn = visualize.draw(*loaded, video, picture_dir)
 print("most active static concepts:", drawn["static"][0], "dynamic:", drawn["dynamic"][0])
 display(Image(filename=os.path.join(picture_dir, "concepts.png"), width=700))
 display(Image(filename=os.path.join(picture_dir, "concepts.gif"), width=700))"""
