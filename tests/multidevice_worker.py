@@ -1,4 +1,5 @@
-"""Runs a few full pretraining steps (views, forward, backward, update) on a mesh.
+"""Runs a few full pretraining steps (views, forward, backward, update) on a mesh:
+`pretrain.jitted_train_step`, the program pretraining runs.
 
 Imported by tests for in-process runs over 1 or 8 devices, and run as a script for
 multi-process runs:
@@ -17,12 +18,12 @@ import sys
 
 def run_steps(mesh, num_steps=3, batch=8):
   """The parameters and totals after `num_steps` steps over `mesh`."""
+  import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   from configs import ucf101  # pylint: disable=g-import-not-at-top
-  from cvc_jax import pretrain, views  # pylint: disable=g-import-not-at-top
+  from cvc_jax import models, parallel, pretrain  # pylint: disable=g-import-not-at-top
 
   config = ucf101.get_config("runlocal")
   with config.unlocked():
@@ -35,34 +36,30 @@ def run_steps(mesh, num_steps=3, batch=8):
     config.optim.eps = 1.0
     config.optim.lr = 1e-4
   steps_per_epoch = 2  # so the third step runs with the prototypes unfrozen
-  t, (h, w), s = config.input.num_frames, config.input.raw_size, config.input.crop_size
+  t, (h, w) = config.input.num_frames, config.input.raw_size
   frames = np.random.default_rng(0).integers(0, 256, (num_steps, batch, 2 * t, h, w, 3),
                                              dtype=np.uint8)
-  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  state = pretrain.init_train_state(config, jax.random.key(0), (batch, 6, t, s, s, 3),
+  sizes = np.tile(np.int32([h, w]), (batch, 1))
+  replicated, sharded = parallel.shardings(mesh)
+  state = pretrain.init_train_state(config, jax.random.key(0),
+                                    pretrain.views_shape_of(config, batch),
                                     steps_per_epoch, sharding=replicated)
-
-  def step(state, frames):
-    v = views.pretrain_views(frames, jax.random.fold_in(jax.random.key(1), state.step),
-                             config)
-    return pretrain.train_step(state, v, config, steps_per_epoch)
-
-  step = jax.jit(step, in_shardings=(replicated, sharded), out_shardings=replicated)
-  per_process = batch // jax.process_count()
-  local = lambda i: jax.make_array_from_process_local_data(
-      sharded, frames[i, jax.process_index() * per_process:
-                      (jax.process_index() + 1) * per_process])
+  # The base key of the views, replicated as pretraining makes its own.
+  rng = jax.jit(functools.partial(jax.random.key, 1), out_shardings=replicated)()
+  per_process = slice(jax.process_index() * batch // jax.process_count(),
+                      (jax.process_index() + 1) * batch // jax.process_count())
+  local = lambda i: {
+      "frames": jax.make_array_from_process_local_data(sharded, frames[i, per_process]),
+      "sizes": jax.make_array_from_process_local_data(sharded, sizes[per_process])}
+  # The step pretraining jits, its state donated, compiled on every process
+  # before any runs it (gloo gives a collective only 30 s for all to arrive).
+  step = pretrain.jitted_train_step(config, steps_per_epoch, mesh,
+                                    models.conv_compiler_options(config.dtype))
   if num_steps:
-    step = step.lower(state, local(0)).compile()
-  if jax.process_count() > 1:
-    # Gloo gives a collective 30 s for every process to arrive: on a loaded CI
-    # machine the two processes' compiles can differ by more, so they meet at a
-    # coordination-service barrier (no collective) once both have compiled.
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-    distributed.global_state.client.wait_at_barrier("cvc_compiled", 600_000)
+    step = parallel.compiled_together(step, state, local(0), rng, name="worker step")
   totals = []
   for i in range(num_steps):
-    state, metrics = step(state, local(i))
+    state, metrics = step(state, local(i), rng)
     totals.append(float(metrics["total"]))
   flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
   params = {jax.tree_util.keystr(path): np.asarray(jax.device_get(leaf))
