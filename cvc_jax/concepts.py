@@ -213,24 +213,19 @@ def frame_clips(num_frames: int, clip_length: int, stride: int = 1):
 # Jitted `concept_attention` per path, kept across videos. Keyed by id (a Flax
 # module holding the config's dicts cannot be hashed), with the module kept alive
 # in the entry so its id cannot be reused.
-_COMPILED: dict[int, tuple[Any, Any, Any]] = {}
+_COMPILED: dict[int, tuple[Any, Any]] = {}
 _MAX_COMPILED = 16
 
 
 def _compiled_attention(model: ViewConcepts):
-  """jax.jit of `concept_attention` for `model`, the same one on every call.
-
-  The module-level `concept_attention` is part of the key, so a replaced one
-  (a test's planted attention) gets its own.
-  """
+  """jax.jit of `concept_attention` for `model`, the same one on every call."""
   entry = _COMPILED.get(id(model))
-  if entry is None or entry[1] is not concept_attention:
-    fn = concept_attention
-    entry = (model, fn, jax.jit(lambda v, c: fn(model, v, c)))
+  if entry is None:
+    entry = (model, jax.jit(lambda v, c: concept_attention(model, v, c)))
     if len(_COMPILED) >= _MAX_COMPILED:
       _COMPILED.pop(next(iter(_COMPILED)))
     _COMPILED[id(model)] = entry
-  return entry[2]
+  return entry[1]
 
 
 def video_attention(model: ViewConcepts, variables, config, frames: np.ndarray, *,
