@@ -1,8 +1,10 @@
-"""The synthetic_motion builder and the pretraining input pipeline (SPEC section 1)."""
+"""The synthetic_motion builder and the input pipelines (SPEC sections 1 and 6).
+
+Which frames are sampled is tested in tests/test_sampling.py, the pipeline's
+benchmark in tests/test_input_benchmark.py.
+"""
 
 import os
-import threading
-import time
 
 import ml_collections
 import numpy as np
@@ -127,60 +129,7 @@ def test_object_box_is_where_the_object_is(examples):
 
 
 # ----------------------------------------------------------------------------
-# Frame sampling (SPEC section 1).
-
-
-def test_sample_indices_rate_and_offset_bounds():
-  n, num_out, max_rate = 1000, 32, 3.0
-  rates = []
-  for seed in range(300):
-    idx = sampling.sample_indices(n, seed, num_out=num_out, max_rate=max_rate)
-    assert idx.dtype == np.int32 and idx.shape == (num_out,)
-    assert (np.diff(idx) >= 1).all() and (np.diff(idx) <= 3).all()
-    assert 0 <= idx[0] and idx[-1] < n
-    rates.append((idx[-1] - idx[0]) / (num_out - 1))
-  rates = np.array(rates)  # Exact up to rounding: +- 1 / (num_out - 1).
-  tol = 1 / (num_out - 1)
-  assert rates.min() >= 1 - tol and rates.max() <= max_rate + tol
-  assert rates.min() < 1.1 and rates.max() > 2.9  # The whole range is used,
-  assert abs(rates.mean() - 2.0) < 0.15  # uniformly.
-  starts = [sampling.sample_indices(n, s, num_out=num_out, max_rate=1.0)[0]
-            for s in range(300)]
-  assert min(starts) < 50 and max(starts) > n - num_out - 50  # U{0..n - 2T}
-
-
-def test_sample_indices_rate_capped_by_video_length():
-  for seed in range(100):
-    idx = sampling.sample_indices(40, seed, num_out=32, max_rate=3.0)
-    assert idx[-1] <= 39
-    rate = (idx[-1] - idx[0]) / 31
-    assert 1 - 1 / 31 <= rate <= 40 / 32 + 1 / 31  # r <= n / 2T
-  np.testing.assert_array_equal(  # n = 2T: every frame once.
-      sampling.sample_indices(32, 0, num_out=32, max_rate=3.0), np.arange(32))
-
-
-def test_sample_indices_short_video_repeats_frames():
-  n, num_out = 24, 32
-  idx = sampling.sample_indices(n, 0, num_out=num_out, max_rate=3.0)
-  # r = n / 2T = 0.75 and start 0: the window stretches over the whole video.
-  np.testing.assert_array_equal(idx, np.floor(0.75 * np.arange(32) + 0.5))
-  assert set(idx.tolist()) == set(range(n))  # nothing skipped, some repeated
-  np.testing.assert_array_equal(
-      sampling.sample_indices(1, 0, num_out=8, max_rate=3.0), 0)
-
-
-def test_sample_indices_takes_generator_or_seed_and_checks_args():
-  a = sampling.sample_indices(500, 7, num_out=8, max_rate=3.0)
-  b = sampling.sample_indices(500, np.random.default_rng(7), num_out=8, max_rate=3.0)
-  np.testing.assert_array_equal(a, b)
-  for bad in (dict(num_frames=0, max_rate=3.0), dict(num_frames=10, max_rate=0.5)):
-    with pytest.raises(ValueError):
-      sampling.sample_indices(bad["num_frames"], 0, num_out=8,
-                              max_rate=bad["max_rate"])
-
-
-# ----------------------------------------------------------------------------
-# Pretraining batches.
+# Pretraining batches (frame sampling itself: tests/test_sampling.py).
 
 
 def test_batches_shapes_dtypes_and_canvas(data_dir, examples):
@@ -317,30 +266,7 @@ def test_frames_smaller_than_the_crop_are_named():
 
 
 # ----------------------------------------------------------------------------
-# Evaluation clips and batches (SPEC section 6).
-
-
-def test_eval_clip_indices_long_short_and_single():
-  idx = sampling.eval_clip_indices(100, num_clips=10, clip_length=16)
-  assert idx.dtype == np.int32 and idx.shape == (10, 16)
-  np.testing.assert_array_equal(np.diff(idx, axis=1), 1)  # consecutive frames
-  np.testing.assert_array_equal(  # round(c * 84 / 9), halves up
-      idx[:, 0], [0, 9, 19, 28, 37, 47, 56, 65, 75, 84])
-  assert idx[-1, -1] == 99
-  np.testing.assert_array_equal(  # n = L: the whole video, ten times
-      sampling.eval_clip_indices(16, num_clips=10, clip_length=16),
-      np.tile(np.arange(16), (10, 1)))
-  short = sampling.eval_clip_indices(5, num_clips=10, clip_length=16)
-  # Stretched over the video: every frame, in order, some repeated.
-  np.testing.assert_array_equal(short, np.tile(
-      [0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4], (10, 1)))
-  np.testing.assert_array_equal(
-      sampling.eval_clip_indices(1, num_clips=2, clip_length=3), 0)
-  np.testing.assert_array_equal(  # One clip: the centre one.
-      sampling.eval_clip_indices(40, num_clips=1, clip_length=16),
-      [np.arange(12, 28)])
-  with pytest.raises(ValueError):
-    sampling.eval_clip_indices(0, num_clips=10, clip_length=16)
+# Evaluation batches (SPEC section 6).
 
 
 @pytest.mark.parametrize("batch_size", [4, 12])  # no padding; 4 padded slots
@@ -425,104 +351,3 @@ def test_worker_processes_yield_the_same_batches(data_dir):
     for key in expected:
       np.testing.assert_array_equal(have[key], expected[key])
   got.close()  # Stops the workers now rather than at garbage collection.
-
-
-def test_pipeline_benchmark_times_an_evaluation_pass_from_its_creation():
-  # An evaluation stream prepares batches from the moment it is created: that
-  # work is inside the timing (timed after a first batch instead, two
-  # prefetched evaluation batches once came out 1.7x the decoder's own rate).
-  from cvc_jax.benchmarks import input_pipeline as bench  # pylint: disable=g-import-not-at-top
-  def make_iterator():
-    time.sleep(0.2)  # what a stream does before its first batch is asked for
-    return iter([{"mask": np.ones(4)}])
-  wall, _ = bench._pass_rate(make_iterator)  # pylint: disable=protected-access
-  assert wall <= 4 / 0.2
-
-
-def test_pipeline_benchmark_waits_for_the_last_streams_threads():
-  # A closed stream's threads finish their batches; the next measurement must
-  # not share the cores with them.
-  from cvc_jax.benchmarks import input_pipeline as bench  # pylint: disable=g-import-not-at-top
-  stop = time.perf_counter() + 1.0
-
-  def spin():
-    while time.perf_counter() < stop:
-      pass
-
-  worker = threading.Thread(target=spin)
-  worker.start()
-  bench._wait_until_idle()  # pylint: disable=protected-access
-  assert not worker.is_alive() and time.perf_counter() >= stop
-  start = time.perf_counter()
-  bench._wait_until_idle()  # pylint: disable=protected-access
-  assert time.perf_counter() - start < 1.0  # idle already: one look of 0.2 s
-
-
-def test_pipeline_benchmark_times_decode_frames_on_every_sample(monkeypatch):
-  from cvc_jax.benchmarks import input_pipeline as bench  # pylint: disable=g-import-not-at-top
-  calls = []
-
-  def decode_frames(encoded, indices, raw_size, out):
-    assert out.shape == (len(indices), *raw_size, 3)
-    calls.append((encoded[0], tuple(indices), raw_size))
-    time.sleep(0.05)
-
-  monkeypatch.setattr(input_pipeline, "decode_frames", decode_frames)
-  samples = [([bytes([i])], np.arange(i, i + 3)) for i in range(6)]
-  wall, _ = bench._frames_rate(samples, (8, 12))  # pylint: disable=protected-access
-  # After one call per thread to warm up, every sample once into an 8 x 12 canvas.
-  timed = calls[-len(samples):]
-  assert sorted(timed) == [(bytes([i]), (i, i + 1, i + 2), (8, 12)) for i in range(6)]
-  assert wall <= min(len(samples), os.cpu_count() or 1) / 0.05
-
-
-def test_pipeline_benchmark_times_the_frames_the_pipeline_decodes(data_dir, monkeypatch):
-  from cvc_jax.benchmarks import input_pipeline as bench  # pylint: disable=g-import-not-at-top
-  # pylint: disable=protected-access
-  config = bench._config("synthetic_motion/tiny", str(data_dir), 4)
-  # The decoding it times alone: the distinct frames pretrain_batches reads.
-  source = datasets.data_source(config, "train")
-  samples = bench._pretrain_samples(config, source,
-                                    bench._pretrain_videos(config, len(source), range(3, 4)))
-  batch = next(input_pipeline.pretrain_batches(config, start_step=3))
-  assert len(samples) == len(batch["frames"]) == 4
-  for (encoded, indices), clip in zip(samples, batch["frames"]):
-    frames = [encoded[i] for i in np.unique(indices)]
-    decoded, _ = input_pipeline.decode_frames(frames, np.arange(len(frames)),
-                                              config.input.raw_size)
-    # Each distinct frame once, as decode_frames decodes it (the synthetic
-    # frames carry pixel noise, so no two are alike).
-    assert len(frames) == len(np.unique(clip, axis=0))
-    np.testing.assert_array_equal(np.unique(decoded, axis=0), np.unique(clip, axis=0))
-  waits = []
-  monkeypatch.setattr(bench, "_wait_until_idle", lambda: waits.append(1))
-  rates = bench.measure("synthetic_motion/tiny", str(data_dir), split="train",
-                        eval_split="test", batch_size=4, batches=1, repeats=1)
-  assert len(waits) == 6  # before each of the six measurements
-  assert rates.keys() == {f"{kind}{part}{cpu}" for kind in ("pretrain", "eval")
-                          for part in ("", "_decode", "_frames") for cpu in ("", "_cpu")}
-  assert all(rate > 0 for rate in rates.values()), rates
-  read, data_source = {}, datasets.data_source
-
-  class Recording:  # a data source that notes which records are read
-    def __init__(self, config, split):
-      self.split, self.source = split, data_source(config, split)
-
-    def __len__(self):
-      return len(self.source)
-
-    def __getitem__(self, i):
-      read.setdefault(self.split, []).append(i)
-      return self.source[i]
-
-  monkeypatch.setattr(datasets, "data_source", Recording)
-  costs = bench.per_video_costs("synthetic_motion/tiny", str(data_dir), split="train",
-                                eval_split="test", videos=2, repeats=1)
-  # Reading is timed on the videos that are decoded: step 0's, and the first two.
-  step_0 = [int(v) for v in sampling.step_videos(config.seed, 0, split_size=len(
-      data_source(config, "train")), batch_size=2)]
-  assert step_0 != [0, 1]  # else the check below could not tell the orders apart
-  assert read["train"] == step_0 * 2 and read["test"] == [0, 1] * 2
-  assert {k: sorted(v) for k, v in costs.items()} == {
-      k: ["decode_frames_ms", "decode_ms", "read_parse_ms"] for k in ("pretrain", "eval")}
-  assert all(ms > 0 for v in costs.values() for ms in v.values()), costs
