@@ -18,13 +18,6 @@ from tests.torch_reference import cvc_model
 from tests.torch_reference.video_resnet import TorchVideoResNet
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  datasets.ensure_built(_tiny(ucf101_retrieval.get_config("runlocal"), path))
-  return path
-
-
 def _tiny(config, data_dir, **changes):
   return overrides.apply(config, {
       "input.data_dir": data_dir, "input.dataset": overrides.TINY_DATA,

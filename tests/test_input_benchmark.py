@@ -6,20 +6,11 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 from cvc_jax import datasets
 from cvc_jax import input_pipeline
 from cvc_jax import sampling
 from cvc_jax.benchmarks import input_pipeline as bench
-from tests.test_input_pipeline import _config
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tfds")
-  datasets.ensure_built(_config(path))
-  return path
 
 
 def test_pipeline_benchmark_times_an_evaluation_pass_from_its_creation():

@@ -32,13 +32,6 @@ def _config(data_dir, **input_overrides):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tfds")
-  datasets.ensure_built(_config(path))  # Builds it: not there yet.
-  return path
-
-
-@pytest.fixture(scope="module")
 def examples(data_dir):
   """All tiny videos, split -> list of decoded examples (in record order)."""
   builder = datasets.ensure_built(_config(data_dir))

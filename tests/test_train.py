@@ -19,18 +19,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import demo, ucf101
-from cvc_jax import checkpointing, datasets, pretrain
+from cvc_jax import checkpointing, pretrain
 from tests import overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8  # tiny synthetic train split: 16 videos / batch 8 = 2 steps per epoch
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  datasets.ensure_built(_config(path))
-  return path
 
 
 def _overrides(data_dir):
