@@ -162,8 +162,8 @@ def view_clips(x: jax.Array, kind: str, config, stride: int = 1):
 
   v: clips of T consecutive frames every `stride` frames, each frame shown by
   the clip centred nearest it (a video shorter than T is one clip, stretched
-  over T frames as pretraining and evaluation stretch it, each frame at the
-  middle of its repeats); d: the same clips' frame differences (SPEC 1,
+  over T frames as evaluation and supervised training stretch it, each frame at
+  the middle of its repeats); d: the same clips' frame differences (SPEC 1,
   `input.diff_wrap` as in pretraining); s: each frame repeated T times, a still
   clip per frame.
 
@@ -198,13 +198,14 @@ def view_clips(x: jax.Array, kind: str, config, stride: int = 1):
 def frame_clips(num_frames: int, clip_length: int, stride: int = 1):
   """(clip starts [M], the clip that shows each frame [N]) of `view_clips`' v and
   d clips: every `stride` frames, each frame shown by the clip centred nearest it.
+  A video shorter than a clip is one clip (start 0) showing all its frames.
 
   Where the encoder's temporal stride spans the clip (8 frames through
   R(2+1)D-18: one step of the map in time), one map serves all its frames: frame
   i's picture shows where the concept looked over frames starts[chosen[i]] to
-  starts[chosen[i]] + clip_length - 1.
+  starts[chosen[i]] + clip_length - 1 (or the last frame).
   """
-  starts = clip_starts(max(num_frames, clip_length), clip_length, stride)
+  starts = clip_starts(num_frames, clip_length, stride)
   centres = starts + (clip_length - 1) / 2
   chosen = np.argmin(np.abs(centres[None, :] - np.arange(num_frames)[:, None]), axis=1)
   return starts, chosen
@@ -281,7 +282,8 @@ def _attention_at(model: ViewConcepts, variables, config, x: jax.Array,
 PATHS = ("kinds", "rgb")
 
 
-def _check_path(path: str) -> None:
+def check_path(path: str) -> None:
+  """Raises ValueError, naming `PATHS`, unless `path` is one of them."""
   if path not in PATHS:
     raise ValueError(f"path must be one of {PATHS}, got {path!r}.")
 
@@ -307,7 +309,7 @@ def concepts_of(config, models, variables, frames, *, path: str = "kinds",
     {'static': ..., 'dynamic': ...} for `names`, each (concept ids [K] in
     0..2K-1, codes [N, K], attention [N, H, W, K]).
   """
-  _check_path(path)
+  check_path(path)
   k = config.model.num_concepts
   halves = {"static": np.arange(k), "dynamic": np.arange(k, 2 * k)}
   if not set(names) <= halves.keys():
@@ -343,7 +345,7 @@ def clip_codes(config, models, path: str = "kinds"):
   repeated), the dynamic half from the dynamic path (the clip's frame
   differences); 'rgb': both halves from the RGB path.
   """
-  _check_path(path)
+  check_path(path)
   k, t = config.model.num_concepts, config.input.num_frames
 
   def per_clip(variables, clips):

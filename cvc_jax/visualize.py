@@ -37,12 +37,15 @@ from cvc_jax import pictures
 
 
 def read_video(path: str, max_frames: int | None = None) -> np.ndarray:
-  """uint8 [N, H, W, 3] frames of a video file or of a .npy array.
+  """uint8 [N, H, W, 3] frames of a video file or of a .npy array: all, or the
+  first `max_frames` (>= 1).
 
   Files are decoded as the data set builders decode them (`tfds_builders.
-  video_io`: PyAV, every frame, stored as JPEG), so the model sees what it saw
-  in training.
+  video_io`: PyAV, each frame at its native size, stored as JPEG), so the model
+  sees what it saw in training.
   """
+  if max_frames is not None and max_frames < 1:
+    raise ValueError(f"max_frames must be at least 1 (or None: all), got {max_frames}.")
   if path.endswith(".npy"):
     frames = np.load(path)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
@@ -64,8 +67,8 @@ def visualize(init_from: str, video: str, out: str, *, step: int | None = None,
   return draw(*concepts.load(init_from, step), video, out, **kwargs)
 
 
-def draw(config, models, variables, video: str, out: str, *, num_concepts: int = 3, path: str = "kinds",
-         max_frames: int | None = 64, short_side: int | None = None,
+def draw(config, models, variables, video: str, out: str, *, num_concepts: int = 3,
+         path: str = "kinds", max_frames: int | None = 64, short_side: int | None = None,
          stride: int = 1) -> dict[str, Any]:
   """Concept pictures of a video: the most active static and dynamic concepts.
 
@@ -88,6 +91,7 @@ def draw(config, models, variables, video: str, out: str, *, num_concepts: int =
     {'paths': [...], 'static'/'dynamic': (ids, codes, maps) of the drawn
     concepts, most active first}.
   """
+  concepts.check_path(path)  # before the video is decoded
   frames = read_video(video, max_frames)
   found = concepts.concepts_of(config, models, variables, frames, path=path,
                                short_side=short_side, stride=stride)

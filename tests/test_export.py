@@ -212,20 +212,27 @@ def test_separate_encoders_export_the_chosen_one(tmp_path, workdir):
     export.export(path, str(tmp_path / "backbone"))
 
 
-def test_finding_the_newest_checkpoint_closes_its_manager(monkeypatch, workdir):
-  # An open CheckpointManager keeps orbax's machinery running until exit.
+def test_the_exports_checkpointers_and_managers_are_closed(monkeypatch, tmp_path, workdir):
+  # An open checkpointer or manager keeps orbax's machinery running until exit.
   opened, closed = [], []
 
-  class Recording(ocp.CheckpointManager):
-    def __init__(self, *args, **kwargs):
-      super().__init__(*args, **kwargs)
-      opened.append(self)
+  def recording(cls):
+    class Recording(cls):
+      def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        opened.append(self)
 
-    def close(self):
-      closed.append(self)
-      super().close()
+      def close(self):
+        closed.append(self)
+        super().close()
+    return Recording
 
-  monkeypatch.setattr(ocp, "CheckpointManager", Recording)
+  for name in ("CheckpointManager", "StandardCheckpointer"):
+    monkeypatch.setattr(ocp, name, recording(getattr(ocp, name)))
   path, step = exported.latest_checkpoint(workdir[0])
   assert step == 3 and path.endswith(os.path.join("checkpoints", "3", "default"))
-  assert len(opened) == 1 and closed == opened
+  export.export(workdir[0], str(tmp_path / "export"))
+  exported.load_encoder(str(tmp_path / "export"))
+  kinds = [type(o).__mro__[1].__name__ for o in opened]
+  assert set(kinds) == {"CheckpointManager", "StandardCheckpointer"}
+  assert closed == opened

@@ -156,13 +156,14 @@ def test_resample_and_clip_choice():
   np.testing.assert_allclose(d[0, :, 0, 0, 0], [0 - 3, 1, 1, 1])  # wraps, as pretraining
   s, chosen, offset = concepts.view_clips(x, "s", config)
   np.testing.assert_allclose(s[:, :, 0, 0, 0], np.repeat(np.arange(10.0)[:, None], 4, 1))
-  # A video shorter than a clip is stretched over one clip, as pretraining
+  # A video shorter than a clip is stretched over one clip, as evaluation
   # stretches it, each frame placed at the middle of its repeats.
   config.input.num_frames = 8
   clips, chosen, offset = concepts.view_clips(x[:3], "v", config)
-  stretched = sampling.sample_indices(3, 0, num_out=8, max_rate=2.0)
-  np.testing.assert_array_equal(stretched, [0, 0, 1, 1, 2, 2, 2, 2])
-  np.testing.assert_array_equal(clips[:, :, 0, 0, 0], [stretched])
+  stretched = sampling.eval_clip_indices(3, num_clips=1, clip_length=8)
+  np.testing.assert_array_equal(stretched, [[0, 0, 1, 1, 2, 2, 2, 2]])
+  np.testing.assert_array_equal(clips[:, :, 0, 0, 0], stretched)
+  assert concepts.frame_clips(3, 8)[0].tolist() == [0]
   np.testing.assert_array_equal(chosen, [0, 0, 0])
   np.testing.assert_array_equal(offset, [0, 2, 5])
 
@@ -335,6 +336,8 @@ def test_an_unknown_path_is_named_before_any_work(workdir):
     concepts.concepts_of(*loaded, frames, path="RGB")
   with pytest.raises(ValueError, match=match):  # no such data set is ever read
     concepts.concept_usage(*loaded, dataset="nothing/here", split="test", path="RGB")
+  with pytest.raises(ValueError, match=match):  # nor such a video
+    visualize.draw(*loaded, "no/such/video.mp4", "unused", path="RGB")
 
 
 def test_video_files_are_decoded_as_the_builders_decode_them(tmp_path, monkeypatch):
@@ -370,3 +373,6 @@ def test_video_files_are_decoded_as_the_builders_decode_them(tmp_path, monkeypat
                                 frames[:8])
   with pytest.raises(video_io.VideoError, match="gone.mp4: missing: no such file"):
     visualize.read_video(str(tmp_path / "gone.mp4"))
+  for path in ("video.mp4", "video.npy"):
+    with pytest.raises(ValueError, match="max_frames must be at least 1"):
+      visualize.read_video(str(tmp_path / path), max_frames=0)

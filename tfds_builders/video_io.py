@@ -69,21 +69,24 @@ def output_size(height: int, width: int, short_side: int | None) -> tuple[int, i
 def encode_video(source: str | bytes, short_side: int | None,
                  quality: int = JPEG_QUALITY, max_frames: int | None = None,
                  ) -> tuple[list[bytes], float]:
-  """Decodes every frame of a video file, resized and JPEG-encoded.
+  """Decodes the frames of a video file (all, or the first `max_frames`), resized
+  and JPEG-encoded.
 
   Args:
     source: a path or the file's bytes.
     short_side: the short side of the stored frames; None keeps the native size.
     quality: JPEG quality.
-    max_frames: stop after this many frames (None: all); the rest of the file
-      is not read, so damage past them goes unnoticed.
+    max_frames: stop after this many frames (>= 1; None: all); the rest of the
+      file is not read, so damage past them goes unnoticed.
 
   Returns:
-    (frames, fps): the JPEG bytes of every frame, and the stream's frame rate.
+    (frames, fps): the JPEG bytes of the frames, and the stream's frame rate.
 
   Raises:
     VideoError: missing, unreadable, without a video stream, or no frame.
   """
+  if max_frames is not None and max_frames < 1:
+    raise ValueError(f"max_frames must be at least 1 (or None: all), got {max_frames}.")
   if isinstance(source, str) and not os.path.isfile(source):
     raise VideoError("missing: no such file")
   file = io.BytesIO(source) if isinstance(source, bytes) else source

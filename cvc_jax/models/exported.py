@@ -51,10 +51,10 @@ def save_encoder(path: str, variables: dict[str, Any], info: dict[str, Any]) -> 
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
   info = dict(info, format=FORMAT, feature_dim=resnet3d.feature_dim(info["encoder"]))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(path, VARIABLES_DIR),
-                    {c: variables[c] for c in ("params", "batch_stats")})
-  checkpointer.wait_until_finished()
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(path, VARIABLES_DIR),
+                      {c: variables[c] for c in ("params", "batch_stats")})
+    checkpointer.wait_until_finished()
   # The JSON last: a folder with encoder.json is a complete export.
   with open(os.path.join(path, ARCH_FILE), "w") as f:
     json.dump(info, f, indent=2)
@@ -78,8 +78,8 @@ def load_encoder(path: str, dtype=jnp.float32):
     gives (pooled [B, D], feature map [B, T', H', W', D]) for x [B, T, H, W, 3].
   """
   info = read_info(path)
-  restored = ocp.StandardCheckpointer().restore(
-      os.path.join(os.path.abspath(path), VARIABLES_DIR))
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(os.path.join(os.path.abspath(path), VARIABLES_DIR))
   variables = {c: jax.tree_util.tree_map(jnp.asarray, restored[c])
                for c in ("params", "batch_stats")}
   return resnet3d.build_encoder(info["encoder"], dtype=dtype), variables
