@@ -178,19 +178,20 @@ def _backbone(c, name):
   c.input.crop_size, c.input.raw_size = crop, raw
 
 
-def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+def apply_variants(c: ml_collections.ConfigDict, arg: str | None,
+                   applied: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
   """Applies a comma-separated variant string ("sigma=mlp,runlocal") and locks.
 
   `runlocal` is applied last, whatever its position, so it shrinks the sizes a
-  variant chose.
+  variant chose. `applied` names variants the caller has applied itself.
   """
   items = [item.partition("=") for item in filter(None, (arg or "").split(","))]
   for name, _, value in items:
-    if name == "runlocal":
+    if name == "runlocal" or name in applied:
       continue
     if name not in ABLATIONS:
-      raise ValueError(f"Unknown config variant {name!r}; known: runlocal, "
-                       f"{', '.join(sorted(ABLATIONS))}.")
+      raise ValueError(f"Unknown config variant {name!r}; known: "
+                       f"{', '.join(('runlocal',) + applied + tuple(sorted(ABLATIONS)))}.")
     try:
       ABLATIONS[name](c, value)
     except KeyError:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs.eval import ucf101_linear, ucf101_retrieval
+from configs.eval import ucf101_finetune, ucf101_linear, ucf101_retrieval
 from cvc_jax import datasets
 from cvc_jax import input_pipeline
 from cvc_jax.downstream import classify, evaluate
@@ -82,10 +82,11 @@ def _authors_encoder(path):
   return encoder
 
 
+@pytest.mark.parametrize("protocol", ["", "coclr,"])
 def test_retrieval_from_an_authors_checkpoint(tmp_path, data_dir, authors_checkpoint,
-                                             monkeypatch):
+                                             monkeypatch, protocol):
   from cvc_jax.downstream import metrics  # pylint: disable=g-import-not-at-top
-  config = _tiny(ucf101_retrieval.get_config("runlocal"), data_dir,
+  config = _tiny(ucf101_retrieval.get_config(protocol + "runlocal"), data_dir,
                  init_from=authors_checkpoint, batch_size=8)
   got = {}  # the features and labels the run ranks by
   recall_of = metrics.retrieval_recall
@@ -96,10 +97,15 @@ def test_retrieval_from_an_authors_checkpoint(tmp_path, data_dir, authors_checkp
   monkeypatch.setattr(evaluate.metrics, "retrieval_recall", spy)
   recall = evaluate.run_retrieval(config, str(tmp_path))
   # The same protocol with the authors' encoder run by PyTorch on the same clips:
-  # the same clip-averaged features, so the same recall.
+  # the same clip-averaged features, so the same recall. CoCLR's: each clip's
+  # features L2-normalised, each split's mean subtracted.
   encoder = _authors_encoder(authors_checkpoint)
-  train_f, train_l = _torch_features(config, config.eval.train_split, encoder)
-  test_f, test_l = _torch_features(config, config.eval.test_split, encoder)
+  head = (lambda pooled: torch.nn.functional.normalize(pooled, dim=1)) if protocol else (
+      lambda pooled: pooled)
+  train_f, train_l = _torch_features(config, config.eval.train_split, encoder, head)
+  test_f, test_l = _torch_features(config, config.eval.test_split, encoder, head)
+  if protocol:
+    train_f, test_f = train_f - train_f.mean(0), test_f - test_f.mean(0)
   for split, (f, l) in (("train", (train_f, train_l)), ("test", (test_f, test_l))):
     np.testing.assert_allclose(got[split][0], f, rtol=1e-4, atol=1e-5, err_msg=split)
     np.testing.assert_array_equal(got[split][1], l, err_msg=split)
@@ -111,10 +117,11 @@ def test_retrieval_from_an_authors_checkpoint(tmp_path, data_dir, authors_checkp
     assert "PyTorch weights" in json.load(f)["init_from"]
 
 
+@pytest.mark.parametrize("protocol", ["", "coclr,"])
 def test_linear_probe_from_an_authors_checkpoint(tmp_path, data_dir, authors_checkpoint,
-                                                 monkeypatch):
+                                                 monkeypatch, protocol):
   from cvc_jax.models import exported  # pylint: disable=g-import-not-at-top
-  config = _tiny(ucf101_linear.get_config("runlocal"), data_dir,
+  config = _tiny(ucf101_linear.get_config(protocol + "runlocal"), data_dir,
                  init_from=authors_checkpoint, batch_size=8, num_epochs=2)
   tested = {}  # the test set's clip-averaged probabilities, as the run scores them
   score = classify.metrics.classification_metrics
@@ -128,7 +135,7 @@ def test_linear_probe_from_an_authors_checkpoint(tmp_path, data_dir, authors_che
     assert os.path.exists(tmp_path / name), name
 
   # The last checkpoint: the encoder is still the authors' weights, BatchNorm
-  # statistics included (frozen, in inference mode); only `fc` was trained.
+  # statistics included (frozen, in inference mode); only the head was trained.
   path, step = exported.latest_checkpoint(str(tmp_path), None)
   assert step == 4  # 16 training videos, batch 8, 2 epochs
   params, batch_stats, _ = exported.read_checkpoint(path)["state"]
@@ -137,15 +144,55 @@ def test_linear_probe_from_an_authors_checkpoint(tmp_path, data_dir, authors_che
                {"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
                authors)
 
-  # The test protocol run by PyTorch: the authors' encoder and the trained fc on
-  # the same clips, softmax averaged over each video's clips.
+  # The test protocol run by PyTorch: the authors' encoder and the trained head on
+  # the same clips, softmax averaged over each video's clips. CoCLR's head:
+  # L2 normalisation, then a BatchNorm with the statistics the probe gathered.
   kernel, bias = (torch.from_numpy(np.asarray(params["fc"][k])) for k in ("kernel", "bias"))
+  norm = lambda pooled: pooled
+  if protocol:
+    assert set(params) == {"backbone", "fc", "head_bn"}
+    bn = torch.nn.BatchNorm1d(kernel.shape[0]).eval()
+    bn.load_state_dict({
+        "weight": torch.from_numpy(np.asarray(params["head_bn"]["scale"])),
+        "bias": torch.from_numpy(np.asarray(params["head_bn"]["bias"])),
+        "running_mean": torch.from_numpy(np.asarray(batch_stats["head_bn"]["mean"])),
+        "running_var": torch.from_numpy(np.asarray(batch_stats["head_bn"]["var"])),
+        "num_batches_tracked": torch.tensor(step)})
+    assert np.abs(np.asarray(batch_stats["head_bn"]["mean"])).max() > 1e-3  # gathered
+    norm = lambda pooled: bn(torch.nn.functional.normalize(pooled, dim=1))
+  else:
+    assert set(params) == {"backbone", "fc"}
   probs, labels = _torch_features(
       config, config.eval.test_split, _authors_encoder(authors_checkpoint),
-      head=lambda pooled: torch.softmax(pooled @ kernel + bias, dim=-1))
+      head=lambda pooled: torch.softmax(norm(pooled) @ kernel + bias, dim=-1))
   np.testing.assert_array_equal(tested["labels"], labels)
   np.testing.assert_allclose(tested["probs"], probs, atol=1e-5)
   assert np.ptp(probs, axis=0).max() > 1e-3  # the videos' scores differ
+
+
+def test_the_coclr_variant_is_coclrs_evaluation():
+  # CoCLR's code (which the authors' README says their evaluation follows):
+  # its linear probe's and finetuning's heads and training augmentation, and
+  # its retrieval features; SPEC 6's test clips either way.
+  plain, coclr = ucf101_linear.get_config(), ucf101_linear.get_config("coclr")
+  assert (coclr.model.head_l2_norm, coclr.model.head_batch_norm, coclr.model.dropout) == (
+      True, True, 0.0)
+  assert (plain.model.head_l2_norm, plain.model.head_batch_norm, plain.model.dropout) == (
+      False, False, 0.5)
+  assert (coclr.input.crop_area, coclr.input.jitter, coclr.input.jitter_prob,
+          coclr.input.gray_prob) == ((0.2, 1.0), (0.4, 0.4, 0.4, 0.1), 0.3, 0.0)
+  assert coclr.eval.num_clips == plain.eval.num_clips == 10
+  finetune = ucf101_finetune.get_config("coclr")
+  assert (finetune.model.head_l2_norm, finetune.model.dropout) == (False, 0.9)
+  assert ucf101_retrieval.get_config("coclr").eval.retrieval_features == "centred"
+  assert ucf101_retrieval.get_config().eval.retrieval_features == "mean"
+  with pytest.raises(ValueError, match="known: runlocal, coclr, backbone"):
+    ucf101_linear.get_config("coclr2")
+  config = ucf101_retrieval.get_config()
+  config.unlock().eval.retrieval_features = "centered"
+  with pytest.raises(ValueError, match=r"retrieval_features must be one of \('mean', "
+                                       r"'centred'\), got 'centered'"):
+    evaluate.retrieval(config, None, None)
 
 
 def test_linear_probe_updates_only_the_linear_layer():

@@ -1,7 +1,8 @@
 """Action recognition downstream: finetune and linear probe (SPEC section 6).
 
-The pretrained encoder plus a new linear layer (dropout before it) is trained on
-augmented clips: the whole network (finetune), or only the linear layer with the
+The pretrained encoder plus a new head (dropout and a linear layer; optionally
+L2 normalisation and a BatchNorm first, as CoCLR's linear probe) is trained on
+augmented clips: the whole network (finetune), or only the head with the
 encoder frozen and its BatchNorm in inference mode (linear probe). The test
 protocol is `evaluate.clip_averaged`: ten clips, softmax averaged, every video once.
 """
@@ -26,25 +27,38 @@ from cvc_jax import parallel
 from cvc_jax import views as views_lib
 from cvc_jax.downstream import evaluate
 from cvc_jax.downstream import metrics
+from cvc_jax.models import heads
+from cvc_jax.models import resnet3d
 
 
 class Classifier(nn.Module):
-  """Encoder -> dropout -> linear layer `fc`.
+  """Encoder -> [L2 normalisation] -> [BatchNorm `head_bn`] -> dropout -> linear `fc`.
 
   Attributes:
     backbone: the encoder module (its parameters live under `backbone`).
     num_classes: outputs of `fc`.
     dropout: dropout rate before `fc`.
+    l2_norm: L2-normalise the pooled features first.
+    batch_norm: a BatchNorm (PyTorch's statistics; batch statistics in training,
+      running ones in inference, whether or not the encoder trains) before `fc`.
   """
   backbone: nn.Module
   num_classes: int
   dropout: float = 0.5
+  l2_norm: bool = False
+  batch_norm: bool = False
 
   @nn.compact
   def __call__(self, clips, *, train: bool, train_encoder: bool):
     pooled, _ = self.backbone(clips, train=train and train_encoder)
     if not train_encoder:
       pooled = jax.lax.stop_gradient(pooled)
+    if self.l2_norm or self.batch_norm:
+      pooled = pooled.astype(jnp.float32)
+    if self.l2_norm:
+      pooled = heads.l2_normalize(pooled)
+    if self.batch_norm:
+      pooled = resnet3d.BatchNorm(use_running_average=not train, name="head_bn")(pooled)
     pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
     return nn.Dense(self.num_classes, name="fc")(pooled.astype(jnp.float32))
 
@@ -106,7 +120,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   label = builder.info.features["label"]
   encoder, enc_vars, described = evaluate.load_encoder(config)
   logging.info("%s from %s.", config.mode, described)
-  model = Classifier(encoder, label.num_classes, dropout=config.model.dropout)
+  model = Classifier(encoder, label.num_classes, dropout=config.model.dropout,
+                     l2_norm=config.model.head_l2_norm,
+                     batch_norm=config.model.head_batch_norm)
 
   mesh = parallel.data_mesh(config.batch_size)
   replicated, batch_sharding = parallel.shardings(mesh)
@@ -118,7 +134,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   fc_vars = models.jit_init(functools.partial(model.init, train=False, train_encoder=False))(
       jax.random.key(config.seed), jnp.zeros((1, t, s, s, 3)))
   params = dict(fc_vars["params"], backbone=enc_vars["params"])
-  batch_stats = {"backbone": enc_vars["batch_stats"]}
+  batch_stats = dict(fc_vars["batch_stats"], backbone=enc_vars["batch_stats"])
   tx = _optimizer(config, steps_per_epoch, linear)
   state = parallel.replicate((params, batch_stats, tx.init(params)), replicated)
 

@@ -27,6 +27,7 @@ from cvc_jax import parallel
 from cvc_jax import views as views_lib
 from cvc_jax.downstream import metrics
 from cvc_jax.models import exported
+from cvc_jax.models import heads
 from cvc_jax.models import resnet3d
 
 
@@ -111,19 +112,25 @@ def clip_averaged(config, per_clip: Callable, variables, *, split: str,
                                  stacked["label"].astype(np.int64), num_videos=num)
 
 
-def encoder_features(module: nn.Module):
-  """per_clip function: pooled encoder features, BatchNorm in inference mode."""
-  return lambda variables, clips: module.apply(variables, clips, train=False)[0]
+def encoder_features(module: nn.Module, l2_norm: bool = False):
+  """per_clip function: pooled encoder features, BatchNorm in inference mode,
+  L2-normalised per clip if `l2_norm`."""
+  def per_clip(variables, clips):
+    pooled = module.apply(variables, clips, train=False)[0]
+    return heads.l2_normalize(pooled.astype(jnp.float32)) if l2_norm else pooled
+  return per_clip
 
 
-def features(config, module, variables, *, split: str, label_keys=("label",)):
-  """Clip-averaged encoder features of a split and its labels, computed once.
+def features(config, module, variables, *, split: str, label_keys=("label",),
+             l2_norm: bool = False):
+  """Clip-averaged encoder features of a split and its labels, computed once;
+  each clip's L2-normalised before the average if `l2_norm`.
 
   Returns:
     (features [V, D], {label key: int labels [V]}) in video order.
   """
-  feats, labels = clip_averaged(config, encoder_features(module), variables, split=split,
-                                label_key=label_keys[0])
+  feats, labels = clip_averaged(config, encoder_features(module, l2_norm), variables,
+                                split=split, label_key=label_keys[0])
   out = {label_keys[0]: labels}
   if len(label_keys) > 1:  # the other labels straight from the records
     from cvc_jax import datasets  # pylint: disable=g-import-not-at-top
@@ -133,12 +140,25 @@ def features(config, module, variables, *, split: str, label_keys=("label",)):
   return feats, out
 
 
+RETRIEVAL_FEATURES = ("mean", "centred")
+
+
 def retrieval(config, module, variables, *, label_key="label") -> dict[str, float]:
-  """R@k of test videos querying training videos (SPEC 6)."""
+  """R@k of test videos querying training videos (SPEC 6), by the cosine of
+  `config.eval.retrieval_features`: 'mean', each video's clip-averaged features;
+  'centred', CoCLR's, clips L2-normalised before the average and each split's
+  mean feature subtracted after it."""
+  kind = config.eval.get("retrieval_features", "mean")
+  if kind not in RETRIEVAL_FEATURES:
+    raise ValueError(f"eval.retrieval_features must be one of {RETRIEVAL_FEATURES}, "
+                     f"got {kind!r}.")
+  centred = kind == "centred"
   train_f, train_l = features(config, module, variables, split=config.eval.train_split,
-                              label_keys=(label_key,))
+                              label_keys=(label_key,), l2_norm=centred)
   test_f, test_l = features(config, module, variables, split=config.eval.test_split,
-                            label_keys=(label_key,))
+                            label_keys=(label_key,), l2_norm=centred)
+  if centred:
+    train_f, test_f = train_f - train_f.mean(0), test_f - test_f.mean(0)
   return metrics.retrieval_recall(test_f, test_l[label_key], train_f, train_l[label_key],
                                   ks=config.eval.recall_ks)
 
