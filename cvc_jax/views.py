@@ -179,12 +179,26 @@ def frame_differences(clips: jax.Array, config: ml_collections.ConfigDict) -> ja
 
 
 # Slots of the one vector of uniforms that parameterises a clip's augmentation:
-# a single PRNG call per clip keeps the compiled step small.
-_AREA, _ASPECT, _SWAP, _Y, _X, _FLIP, _GRAY, _JITTER, _BLUR, _SIGMA = range(10)
-_GEOMETRY = slice(_AREA, _GRAY)  # the crop box and the flip
-_FACTORS = slice(10, 14)  # brightness, contrast, saturation, hue
-_ORDER = slice(14, 18)  # argsort of four uniforms: the jitter op order
-_NUM_DRAWS = 18
+# a single PRNG call per clip keeps the compiled step small. The crop box draws
+# _CROP_TRIES candidate (area, aspect, swap) triples, so _AREA, _ASPECT and _SWAP
+# are slices of that many slots; the crop and flip slots come first, so that
+# _GEOMETRY is one contiguous slice.
+_CROP_TRIES = 10
+_AREA, _ASPECT, _SWAP = (slice(i * _CROP_TRIES, (i + 1) * _CROP_TRIES) for i in range(3))
+_Y, _X, _FLIP, _GRAY, _JITTER, _BLUR, _SIGMA = range(3 * _CROP_TRIES, 3 * _CROP_TRIES + 7)
+_GEOMETRY = slice(0, _GRAY)  # the crop box and the flip
+_FACTORS = slice(_SIGMA + 1, _SIGMA + 5)  # brightness, contrast, saturation, hue
+_ORDER = slice(_SIGMA + 5, _SIGMA + 9)  # argsort of four uniforms: the jitter op order
+_NUM_DRAWS = _ORDER.stop
+
+
+def _clip_draws(key, geometry_key=None):
+  """The uniforms [_NUM_DRAWS] of one clip's augmentation, from `key`; the crop
+  and flip slots from `geometry_key` where given."""
+  u = jax.random.uniform(key, (_NUM_DRAWS,))
+  if geometry_key is not None:
+    u = u.at[_GEOMETRY].set(jax.random.uniform(geometry_key, (_NUM_DRAWS,))[_GEOMETRY])
+  return u
 
 
 def _augment_clip(clip, key, geometry_key=None, *, size, config, repeat=1):
@@ -196,9 +210,7 @@ def _augment_clip(clip, key, geometry_key=None, *, size, config, repeat=1):
   """
   inp = config.input
   s = inp.crop_size
-  u = jax.random.uniform(key, (_NUM_DRAWS,))
-  if geometry_key is not None:
-    u = u.at[_GEOMETRY].set(jax.random.uniform(geometry_key, (_NUM_DRAWS,))[_GEOMETRY])
+  u = _clip_draws(key, geometry_key)
   size = size.astype(jnp.float32)
 
   # 1) Random resized crop and flip, as one bilinear resample from the canvas.
@@ -264,16 +276,34 @@ def _between(u, low, high):
 def _random_box(u, size, area_range, aspect_range):
   """A random (y0, x0, height, width) crop box inside the true (h, w) region.
 
-  Area fraction ~ U(area_range), aspect ~ exp(U(log aspect_range)), w/h swapped
-  half the time; sides clipped to the region, offsets uniform over what is left.
+  The authors' code calls a RandomSizedCrop from an augmentation module it does
+  not ship; DPC's and CoCLR's, which share its signature, redraw a box that does
+  not fit the frame rather than clip it: clipping cuts boxes smaller than drawn,
+  most often the large ones, and biases the crops. So: _CROP_TRIES candidates, each of area fraction ~ U(area_range) and
+  aspect (width / height) ~ exp(U(log aspect_range)), inverted half the time;
+  the first that fits the region is the box, its offsets uniform over what is
+  left. If none fits, the largest centred square (their fallback: resize the
+  short side, centre crop). All candidates are computed at once, with fixed
+  shapes; the box stays in float pixels.
   """
   h, w = size[0], size[1]
   area = h * w * _between(u[_AREA], *area_range)
   log_aspect = _between(u[_ASPECT], jnp.log(aspect_range[0]), jnp.log(aspect_range[1]))
   aspect = jnp.exp(jnp.where(u[_SWAP] < 0.5, -log_aspect, log_aspect))  # width / height
-  crop_w = jnp.clip(jnp.sqrt(area * aspect), 1.0, w)
-  crop_h = jnp.clip(jnp.sqrt(area / aspect), 1.0, h)
-  return u[_Y] * (h - crop_h), u[_X] * (w - crop_w), crop_h, crop_w
+  crop_w, crop_h = jnp.sqrt(area * aspect), jnp.sqrt(area / aspect)
+  # A relative slack of 1e-6 lets a box that fits exactly but for float rounding
+  # in; the min below then takes the rounding back off.
+  fits = (crop_w <= w * (1 + 1e-6)) & (crop_h <= h * (1 + 1e-6))
+  # One-hot on the first fit: sums, not a gather, pick its sides.
+  first = fits & (jnp.cumsum(fits) == 1)
+  found = jnp.any(fits)
+  short = jnp.minimum(h, w)
+  crop_h = jnp.where(found, jnp.minimum(jnp.sum(jnp.where(first, crop_h, 0.0)), h), short)
+  crop_w = jnp.where(found, jnp.minimum(jnp.sum(jnp.where(first, crop_w, 0.0)), w), short)
+  # The fallback square is centred: u = 1/2.
+  y = jnp.where(found, u[_Y], 0.5)
+  x = jnp.where(found, u[_X], 0.5)
+  return y * (h - crop_h), x * (w - crop_w), crop_h, crop_w
 
 
 def _crop_resize(frames, box, size, out_size, *, flip):

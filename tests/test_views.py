@@ -246,10 +246,126 @@ def test_crop_boxes_lie_inside_and_follow_the_ranges():
     assert (x0 > -tol).all() and (x0 + crop_w < sizes[:, 1] + tol).all()
     assert (y0 > -tol).all() and (y0 + crop_h < sizes[:, 0] + tol).all()
     area = crop_w * crop_h / sizes.prod(1)
-    assert (area > 0.5 - 0.02).all() and (area < 1 + 0.02).all()
+    # Where no candidate fits, the box is the centred short x short square (the
+    # 21 x 47 region's is under half the area).
+    short = sizes.min(1)
+    square = ((np.abs(crop_w - short) < tol) & (np.abs(crop_h - short) < tol)
+              & (np.abs(x0 - (sizes[:, 1] - short) / 2) < tol)
+              & (np.abs(y0 - (sizes[:, 0] - short) / 2) < tol))
+    assert (square | ((area > 0.5 - 0.02) & (area < 1 + 0.02))).all()
     assert area.std() > 0.05
   flips = np.stack(flips)
   assert 0.2 < flips.mean() < 0.8  # flip_prob 0.5
+
+
+# The frame of UCF-101 (h, w) and the authors' crop ranges.
+UCF_SIZE, UCF_AREA, UCF_ASPECT = (128, 171), (0.5, 1.0), (3 / 4, 4 / 3)
+
+
+def _boxes(n, size, area_range, aspect_range, seed=0):
+  """n crop boxes [n, 4] (y0, x0, h, w) drawn as `_augment_clip` draws them."""
+  keys = jax.random.split(jax.random.key(seed), n)
+  size = jnp.asarray(size, jnp.float32)
+  box = jax.jit(jax.vmap(lambda k: views._random_box(  # pylint: disable=protected-access
+      views._clip_draws(k), size, area_range, aspect_range)))(keys)  # pylint: disable=protected-access
+  return np.stack([np.asarray(side) for side in box], -1)
+
+
+def _reference_crops(n, size, area_range, aspect_range, tries, seed=0):
+  """NumPy: area fractions of the first of `tries` candidates that fits (the
+  centred square where none does), and of the first candidate clipped to the
+  region (the old crop)."""
+  rng = np.random.default_rng(seed)
+  h, w = size
+  area = rng.uniform(*area_range, (n, tries))
+  aspect = np.exp(rng.uniform(*np.log(aspect_range), (n, tries)))
+  aspect = np.where(rng.random((n, tries)) < 0.5, 1 / aspect, aspect)
+  crop_w, crop_h = np.sqrt(area * h * w * aspect), np.sqrt(area * h * w / aspect)
+  fits = (crop_w <= w) & (crop_h <= h)
+  first = area[np.arange(n), fits.argmax(1)]
+  redrawn = np.where(fits.any(1), first, min(h, w)**2 / (h * w))
+  clipped = np.minimum(crop_w[:, 0], w) * np.minimum(crop_h[:, 0], h) / (h * w)
+  return redrawn, clipped
+
+
+def test_crop_redraws_boxes_that_do_not_fit():
+  # UCF-101's 128 x 171 frames: about half the first candidates do not fit.
+  h, w = UCF_SIZE
+  y0, x0, crop_h, crop_w = _boxes(20000, UCF_SIZE, UCF_AREA, UCF_ASPECT).T
+  eps = 1e-3
+  assert (y0 > -eps).all() and (x0 > -eps).all()
+  assert (y0 + crop_h < h + eps).all() and (x0 + crop_w < w + eps).all()
+  fallback = (crop_h == h) & (crop_w == h)  # the centred 128 x 128 square
+  np.testing.assert_allclose(x0[fallback], (w - h) / 2)
+  np.testing.assert_allclose(y0[fallback], 0.0)
+  assert fallback.mean() < 0.01  # ten tries almost always find a box
+  # Every other box is a candidate as drawn, uncut: its area and aspect in range.
+  area, aspect = crop_h * crop_w / (h * w), crop_w / crop_h
+  kept = ~fallback
+  assert (area[kept] > UCF_AREA[0] - 1e-5).all() and (area[kept] < UCF_AREA[1] + 1e-5).all()
+  assert (aspect[kept] > UCF_ASPECT[0] - 1e-5).all()
+  assert (aspect[kept] < UCF_ASPECT[1] + 1e-5).all()
+  # Offsets uniform over what is left.
+  for offset, room in ((y0, h - crop_h), (x0, w - crop_w)):
+    position = offset[kept] / room[kept]
+    assert abs(position.mean() - 0.5) < 0.02 and position.std() > 0.25
+  # The area fraction is that of the first fitting candidate, not the clipped
+  # first candidate's (which keeps large draws, cut: mean about 0.71 against 0.66).
+  redrawn, clipped = _reference_crops(100000, UCF_SIZE, UCF_AREA, UCF_ASPECT,
+                                      views._CROP_TRIES)  # pylint: disable=protected-access
+  assert abs(area.mean() - redrawn.mean()) < 0.005
+  assert abs(clipped.mean() - redrawn.mean()) > 0.03
+  # The distribution too, not just its mean.
+  np.testing.assert_allclose(np.quantile(area, [0.1, 0.5, 0.9]),
+                             np.quantile(redrawn, [0.1, 0.5, 0.9]), atol=0.01)
+
+
+def test_crop_falls_back_to_the_centred_square():
+  # Area 1 at aspect 2..3 never fits: the box is the largest centred square,
+  # the whole region if square.
+  for (h, w), want in (((64, 64), (0, 0, 64, 64)), (UCF_SIZE, (0, 21.5, 128, 128)),
+                       ((171, 128), (21.5, 0, 128, 128))):
+    boxes = _boxes(64, (h, w), (1.0, 1.0), (2.0, 3.0))
+    np.testing.assert_allclose(boxes, np.broadcast_to(want, boxes.shape), atol=1e-4)
+  # And a box that fits exactly is taken: area 1, aspect 1, a square region.
+  boxes = _boxes(64, (48, 48), (1.0, 1.0), (1.0, 1.0))
+  np.testing.assert_allclose(boxes, np.broadcast_to((0, 0, 48, 48), boxes.shape), atol=1e-4)
+
+
+def test_supervised_crops_are_redrawn_not_clipped():
+  # Through train_clip_views (the pretraining views' crop too): read each box
+  # back from a ramp (red = x, green = y) in a 128 x 171 region of a padded
+  # canvas. With area 0.9..1, a candidate fits only if wide (aspect >= 1.2) and
+  # most first candidates do not: clipping them to the region (the old crop)
+  # cut boxes of area under 0.9 at random offsets; redrawing keeps the area, or
+  # falls back to the centred square.
+  h, w = UCF_SIZE
+  n = 16
+  y, x = np.mgrid[:h + 8, :w + 9]
+  ramp = np.stack([x, y, np.zeros_like(x)], -1).astype(np.uint8)
+  frames = _padded(np.broadcast_to(ramp, (n, 1) + ramp.shape), [UCF_SIZE] * n)
+  overrides = GEOMETRY_ONLY + (("crop_area", (0.9, 1.0)), ("crop_aspect", UCF_ASPECT))
+  config = _config(overrides)
+  fn = jax.jit(lambda f, k, s: views.train_clip_views(f, k, config, s))
+  sizes = np.tile(UCF_SIZE, (n, 1)).astype(np.int32)
+  out = np.concatenate([_denormalize(np.asarray(fn(frames, jax.random.key(k), sizes)),
+                                     config) for k in range(2)])[:, 0]
+  red, green = out[:, S // 2, :, 0], out[:, :, S // 2, 1]
+  lo, hi = 8, S - 9
+  step_x = np.abs(red[:, hi] - red[:, lo]) / (hi - lo)
+  step_y = (green[:, hi] - green[:, lo]) / (hi - lo)
+  x0 = np.minimum(red[:, lo], red[:, hi]) + 0.5 - (lo + 0.5) * step_x
+  y0 = green[:, lo] + 0.5 - (lo + 0.5) * step_y
+  crop_w, crop_h = S * step_x, S * step_y
+  tol = 0.3
+  assert (x0 > -tol).all() and (x0 + crop_w < w + tol).all()
+  assert (y0 > -tol).all() and (y0 + crop_h < h + tol).all()
+  square = ((np.abs(crop_h - h) < tol) & (np.abs(crop_w - h) < tol)
+            & (np.abs(x0 - (w - h) / 2) < tol) & (np.abs(y0) < tol))
+  area = crop_w * crop_h / (h * w)
+  drawn = (area > 0.9 - 0.01) & (crop_w / crop_h > 0.9 * w * h / h**2 - 0.01)
+  assert (square | drawn).all(), np.stack([y0, x0, crop_h, crop_w], -1)[~(square | drawn)]
+  assert square.any() and drawn.any()
 
 
 def test_grayscale_then_jitter_stays_grey():
