@@ -122,7 +122,16 @@ def test_linear_probe_from_an_authors_checkpoint(tmp_path, data_dir, authors_che
                                                  monkeypatch, protocol):
   from cvc_jax.models import exported  # pylint: disable=g-import-not-at-top
   config = _tiny(ucf101_linear.get_config(protocol + "runlocal"), data_dir,
-                 init_from=authors_checkpoint, batch_size=8, num_epochs=2)
+                 init_from=authors_checkpoint, batch_size=8, num_epochs=2,
+                 keep_checkpoints=4)
+  kept = []  # the checkpoints the run keeps: config.keep_checkpoints
+  manager_of = classify.checkpointing.checkpoint_manager
+
+  def recording_manager(workdir, **kwargs):
+    kept.append(kwargs["max_to_keep"])
+    return manager_of(workdir, **kwargs)
+
+  monkeypatch.setattr(classify.checkpointing, "checkpoint_manager", recording_manager)
   tested = {}  # the test set's clip-averaged probabilities, as the run scores them
   score = classify.metrics.classification_metrics
   def spy(probs, labels, names):
@@ -130,6 +139,7 @@ def test_linear_probe_from_an_authors_checkpoint(tmp_path, data_dir, authors_che
     return score(probs, labels, names)
   monkeypatch.setattr(classify.metrics, "classification_metrics", spy)
   result = classify.train_and_evaluate(config, str(tmp_path))
+  assert kept == [4]
   assert sum(map(sum, result["confusion"])) == 8  # every test video once
   for name in ("results.json", "results.md", "confusion.png"):
     assert os.path.exists(tmp_path / name), name
@@ -193,6 +203,23 @@ def test_the_coclr_variant_is_coclrs_evaluation():
   with pytest.raises(ValueError, match=r"retrieval_features must be one of \('mean', "
                                        r"'centred'\), got 'centered'"):
     evaluate.retrieval(config, None, None)
+
+
+def test_the_encoder_computes_in_the_runs_dtype_and_remat():
+  config = ucf101_linear.get_config("runlocal")
+  with config.unlocked():
+    config.dtype, config.remat = "bfloat16", "blocks"
+  module, variables, described = evaluate.load_encoder(config)
+  assert (module.dtype, module.remat, described) == (
+      jnp.bfloat16, "blocks", "random initialisation")
+  pooled, _ = module.apply(variables, jnp.zeros((1, 4, 32, 32, 3)), train=False)
+  assert pooled.dtype == jnp.bfloat16
+  assert evaluate.encoder_features(module)(variables, jnp.zeros((1, 4, 32, 32, 3))).dtype == (
+      jnp.float32)
+  with config.unlocked():
+    config.dtype = "float16"
+  with pytest.raises(ValueError, match="config.dtype must be one of"):
+    evaluate.load_encoder(config)
 
 
 def test_linear_probe_updates_only_the_linear_layer():

@@ -161,7 +161,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # SIGTERM's handler is given back, the manager closed.
   with contextlib.ExitStack() as stack:
     manager = stack.enter_context(checkpointing.checkpoint_manager(
-        workdir, max_to_keep=2, save_interval_steps=config.checkpoint_every_steps))
+        workdir, max_to_keep=config.get("keep_checkpoints", 2),
+        save_interval_steps=config.checkpoint_every_steps))
     start_step = 0
     if manager.latest_step() is not None:
       _check_same_run(config, workdir)

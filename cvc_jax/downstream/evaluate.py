@@ -26,6 +26,7 @@ from cvc_jax import models
 from cvc_jax import parallel
 from cvc_jax import views as views_lib
 from cvc_jax.downstream import metrics
+from cvc_jax.models import cvc
 from cvc_jax.models import exported
 from cvc_jax.models import heads
 from cvc_jax.models import resnet3d
@@ -40,9 +41,19 @@ def load_encoder(config, rng=None):
   PyTorch / safetensors file of the authors' model or of a torchvision or Hara
   encoder (architecture read from the keys, see `cvc_jax.convert`).
 
+  The module computes in `config.dtype` and rematerialises as `config.remat`
+  says, whichever source described it.
+
   Returns:
     (module, {'params', 'batch_stats'}, description).
   """
+  module, variables, described = _encoder_of(config, rng)
+  return (module.clone(dtype=cvc.compute_dtype(config), remat=config.get("remat", "none")),
+          variables, described)
+
+
+def _encoder_of(config, rng):
+  """`load_encoder`'s (module, variables, description), as its source builds it."""
   source = config.init_from
   if not source:
     module = resnet3d.build_encoder(config.model.encoder)
@@ -113,11 +124,11 @@ def clip_averaged(config, per_clip: Callable, variables, *, split: str,
 
 
 def encoder_features(module: nn.Module, l2_norm: bool = False):
-  """per_clip function: pooled encoder features, BatchNorm in inference mode,
-  L2-normalised per clip if `l2_norm`."""
+  """per_clip function: pooled encoder features in float32, BatchNorm in
+  inference mode, L2-normalised per clip if `l2_norm`."""
   def per_clip(variables, clips):
-    pooled = module.apply(variables, clips, train=False)[0]
-    return heads.l2_normalize(pooled.astype(jnp.float32)) if l2_norm else pooled
+    pooled = module.apply(variables, clips, train=False)[0].astype(jnp.float32)
+    return heads.l2_normalize(pooled) if l2_norm else pooled
   return per_clip
 
 

@@ -199,17 +199,23 @@ class CVCModel(nn.Module):
 COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
 
 
-def build_model(config) -> CVCModel:
-  """The pretraining model for a full config (reads `config.model`, `config.dtype`,
-  `config.remat`)."""
+def compute_dtype(config):
+  """`config.dtype` (default float32) as a dtype, checked against COMPUTE_DTYPES."""
   if config.get("dtype", "float32") not in COMPUTE_DTYPES:
     raise ValueError(f"config.dtype must be one of {COMPUTE_DTYPES}, got "
                      f"{config.dtype!r}.")
+  return jnp.dtype(config.get("dtype", "float32"))
+
+
+def build_model(config) -> CVCModel:
+  """The pretraining model for a full config (reads `config.model`, `config.dtype`,
+  `config.remat`)."""
+  dtype = compute_dtype(config)
   m = config.model
   return CVCModel(
       encoder=m.encoder.to_dict() if hasattr(m.encoder, "to_dict") else dict(m.encoder),
       num_concepts=m.num_concepts, sigma=m.sigma,
       sigma_dim=m.get("sigma_dim"),
       decoder_hidden=m.decoder_hidden, proj_hidden=m.proj_hidden, proj_dim=m.proj_dim,
-      separate_encoders=m.separate_encoders, dtype=jnp.dtype(config.get("dtype", "float32")),
+      separate_encoders=m.separate_encoders, dtype=dtype,
       remat=config.get("remat", "none"))
