@@ -198,6 +198,11 @@ def test_the_coclr_variant_is_coclrs_evaluation():
   assert ucf101_retrieval.get_config().eval.retrieval_features == "mean"
   with pytest.raises(ValueError, match="known: runlocal, coclr, backbone"):
     ucf101_linear.get_config("coclr2")
+  # Variants of the pretraining model alone would change nothing downstream.
+  for variant in ("sigma=mlp", "decoder=linear", "topk=2", "encoders=separate"):
+    with pytest.raises(ValueError, match=f"'{variant.split('=')[0]}' changes pretraining only"):
+      ucf101_linear.get_config(f"coclr,{variant}")
+  assert ucf101_linear.get_config("backbone=r3d34").model.encoder.blocks == (3, 4, 6, 3)
   config = ucf101_retrieval.get_config()
   config.unlock().eval.retrieval_features = "centered"
   with pytest.raises(ValueError, match=r"retrieval_features must be one of \('mean', "

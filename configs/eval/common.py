@@ -34,6 +34,10 @@ DATASETS = {
 }
 
 
+# Variants of configs/common.py that change only the pretraining model or losses.
+PRETRAINING_ONLY = {"sigma", "decoder", "topk", "encoders"}
+
+
 def get_config(dataset: str, protocol: str, arg=None) -> ml_collections.ConfigDict:
   """The config of one downstream protocol ('linear', 'finetune', 'retrieval')."""
   c = common.base()
@@ -54,7 +58,13 @@ def get_config(dataset: str, protocol: str, arg=None) -> ml_collections.ConfigDi
   c.optim.weight_decay = 1e-3
   c.optim.decay_epochs = (60, 80)
   c.log_every_steps = 50
-  if "coclr" in (arg or "").split(","):
+  names = [item.partition("=")[0] for item in (arg or "").split(",")]
+  unused = sorted(set(names) & PRETRAINING_ONLY)
+  if unused:
+    raise ValueError(f"Config variant {unused[0]!r} changes pretraining only and would "
+                     "do nothing here: the encoder comes from init_from (or, random, "
+                     "from model.encoder and the backbone= variant).")
+  if "coclr" in names:
     _coclr(c, protocol)
   return common.apply_variants(c, arg, applied=("coclr",))
 
