@@ -163,10 +163,11 @@ def data_source(config: ml_collections.ConfigDict, split: str, *,
   label_static and label_dynamic).
   """
   builder = ensure_built(config)
-  warning = upsampling_warning(builder.builder_config, config.input.crop_size)
-  if warning and warning not in _WARNED:  # once, not for every split and label
-    _WARNED.add(warning)
-    logging.warning(warning)
+  for warning in (upsampling_warning(builder.builder_config, config.input.crop_size),
+                  cropping_warning(builder.builder_config, sampling.raw_size(config))):
+    if warning and warning not in _WARNED:  # once, not for every split and label
+      _WARNED.add(warning)
+      logging.warning(warning)
   return Videos(builder, _split(builder, split), label_key)
 
 
@@ -185,3 +186,20 @@ def upsampling_warning(builder_config: Any, crop_size: int) -> str | None:
           "upsampled. Build and use one with larger frames: the same name plus "
           "_short256 or _native (short256 or native for 'default'), e.g. "
           "--config.input.dataset=ucf101/split1_short256.")
+
+
+def cropping_warning(builder_config: Any, raw_size: tuple[int, int]) -> str | None:
+  """What to say when a data set's frames are larger than the canvas, else None.
+
+  The input pipeline centre-crops a frame larger than `input.raw_size` into it,
+  silently: 256 px frames in the default 128 x 228 canvas lose half their
+  height before any augmentation sees them.
+  """
+  short_side = getattr(builder_config, "short_side", None)
+  if not short_side or short_side <= min(raw_size):
+    return None
+  return (f"The frames of data set config {builder_config.name!r} have a short "
+          f"side of {short_side} px, over the {raw_size[0]} x {raw_size[1]} canvas "
+          "(input.raw_size): every frame is centre-cropped into it. Make the canvas "
+          f"hold them (e.g. --config.input.raw_size='({short_side}, "
+          f"{-(-short_side * 16 // 9)})'), or use the data set built at 128 px.")

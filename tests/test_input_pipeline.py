@@ -258,6 +258,18 @@ def test_frames_smaller_than_the_crop_are_named():
   assert datasets.upsampling_warning(sm.Builder.BUILDER_CONFIGS[0], 224) is None
 
 
+def test_frames_larger_than_the_canvas_are_named():
+  from tfds_builders import video_builder  # pylint: disable=g-import-not-at-top
+  configs = {c.name: c for c in video_builder.official_split_configs()}
+  warning = datasets.cropping_warning(configs["split1_short256"], (128, 228))
+  assert ("'split1_short256' have a short side of 256 px, over the 128 x 228 canvas"
+          in warning and "--config.input.raw_size='(256, 456)'" in warning), warning
+  assert datasets.cropping_warning(configs["split1_short256"], (256, 456)) is None
+  assert datasets.cropping_warning(configs["split1"], (128, 228)) is None
+  assert datasets.cropping_warning(configs["split1_native"], (128, 228)) is None
+  assert datasets.cropping_warning(sm.Builder.BUILDER_CONFIGS[0], (40, 48)) is None
+
+
 # ----------------------------------------------------------------------------
 # Evaluation batches (SPEC section 6).
 
