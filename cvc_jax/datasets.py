@@ -11,6 +11,7 @@ without it.
 
 import importlib
 import importlib.util
+import os
 from typing import Any
 
 from absl import logging
@@ -203,3 +204,24 @@ def cropping_warning(builder_config: Any, raw_size: tuple[int, int]) -> str | No
           "(input.raw_size): every frame is centre-cropped into it. Make the canvas "
           f"hold them (e.g. --config.input.raw_size='({short_side}, "
           f"{-(-short_side * 16 // 9)})'), or use the data set built at 128 px.")
+
+
+def video_counts(config: ml_collections.ConfigDict, splits) -> dict[str, dict[str, int]]:
+  """{split: {'built', 'skipped'}} for `splits` from the data set's manifest of
+  the videos its builder left out (corrupt, unreadable); {} for a data set
+  without one (synthetic_motion). Logs a warning naming the manifest when any
+  video was skipped: results are then over fewer videos than the official split.
+  """
+  from tfds_builders import video_io  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.fspath(ensure_built(config).data_path), video_io.MANIFEST)
+  if not os.path.exists(path):
+    return {}
+  manifest = video_io.read_manifest(os.path.dirname(path))
+  counts = {split: {k: int(manifest[split][k]) for k in ("built", "skipped")}
+            for split in splits if split in manifest}
+  for split, count in counts.items():
+    if count["skipped"]:
+      logging.warning("%d videos of the %s split were skipped when %s was built (%s lists "
+                      "them): results cover the %d built.", count["skipped"], split,
+                      config.input.dataset, path, count["built"])
+  return counts

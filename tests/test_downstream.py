@@ -2,6 +2,7 @@
 
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -225,6 +226,20 @@ def test_the_encoder_computes_in_the_runs_dtype_and_remat():
     config.dtype = "float16"
   with pytest.raises(ValueError, match="config.dtype must be one of"):
     evaluate.load_encoder(config)
+
+
+def test_videos_skipped_at_build_time_are_counted(tmp_path, monkeypatch, caplog):
+  from tfds_builders import video_io  # pylint: disable=g-import-not-at-top
+  config = ucf101_linear.get_config("runlocal")
+  monkeypatch.setattr(datasets, "ensure_built",
+                      lambda config: types.SimpleNamespace(data_path=tmp_path))
+  assert datasets.video_counts(config, ("train", "test")) == {}  # no manifest
+  video_io.write_manifest(tmp_path, "train", 9, [])
+  video_io.write_manifest(tmp_path, "test", 3, [("a/b.avi", "corrupt: x")])
+  with caplog.at_level("WARNING"):
+    counts = datasets.video_counts(config, ("train", "test"))
+  assert counts == {"train": {"built": 9, "skipped": 0}, "test": {"built": 3, "skipped": 1}}
+  assert "1 videos of the test split were skipped" in caplog.text
 
 
 def test_linear_probe_updates_only_the_linear_layer():

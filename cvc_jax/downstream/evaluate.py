@@ -231,6 +231,9 @@ def run_retrieval(config, workdir: str) -> dict[str, float]:
   module, variables, described = load_encoder(config)
   recall = retrieval(config, module, variables)
   if jax.process_index() == 0:
-    write_results(workdir, {"retrieval": recall, "init_from": described},
+    from cvc_jax import datasets  # pylint: disable=g-import-not-at-top
+    counts = datasets.video_counts(config, (config.eval.train_split, config.eval.test_split))
+    write_results(workdir, {"retrieval": recall, "init_from": described,
+                            **({"videos": counts} if counts else {})},
                   f"Retrieval on {config.input.dataset}")
   return recall
