@@ -213,10 +213,11 @@ def video_counts(config: ml_collections.ConfigDict, splits) -> dict[str, dict[st
   video was skipped: results are then over fewer videos than the official split.
   """
   from tfds_builders import video_io  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.fspath(ensure_built(config).data_path), video_io.MANIFEST)
+  data_path = os.fspath(ensure_built(config).data_path)
+  path = os.path.join(data_path, video_io.MANIFEST)
   if not os.path.exists(path):
     return {}
-  manifest = video_io.read_manifest(os.path.dirname(path))
+  manifest = video_io.read_manifest(data_path)
   counts = {split: {k: int(manifest[split][k]) for k in ("built", "skipped")}
             for split in splits if split in manifest}
   for split, count in counts.items():

@@ -213,8 +213,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   writer.flush()
   if jax.process_index() == 0:
     metrics.confusion_png(result["confusion"], os.path.join(workdir, "confusion.png"))
-    counts = datasets.video_counts(config, (config.eval.train_split, config.eval.test_split))
-    evaluate.write_results(workdir, {config.mode: result, "init_from": described,
-                                     **({"videos": counts} if counts else {})},
-                           f"{config.mode} on {config.input.dataset}")
+    evaluate.write_results(workdir, {config.mode: result, "init_from": described},
+                           f"{config.mode} on {config.input.dataset}", config)
   return result

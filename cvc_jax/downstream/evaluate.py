@@ -206,8 +206,17 @@ def linear_probe_on_features(config, train_f, train_l, test_f, test_l, *,
   return metrics.classification_metrics(probs, test_l, class_names)
 
 
-def write_results(workdir: str, results: dict[str, Any], title: str) -> str:
-  """Writes results.json and a Markdown table (results.md); returns the table."""
+def write_results(workdir: str, results: dict[str, Any], title: str, config=None) -> str:
+  """Writes results.json and a Markdown table (results.md); returns the table.
+
+  With the run's `config`, results.json also gets each evaluated split's built
+  and skipped video counts where the data set has a manifest
+  (`datasets.video_counts`).
+  """
+  if config is not None:
+    from cvc_jax import datasets  # pylint: disable=g-import-not-at-top
+    counts = datasets.video_counts(config, (config.eval.train_split, config.eval.test_split))
+    results = dict(results, **({"videos": counts} if counts else {}))
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
@@ -231,9 +240,6 @@ def run_retrieval(config, workdir: str) -> dict[str, float]:
   module, variables, described = load_encoder(config)
   recall = retrieval(config, module, variables)
   if jax.process_index() == 0:
-    from cvc_jax import datasets  # pylint: disable=g-import-not-at-top
-    counts = datasets.video_counts(config, (config.eval.train_split, config.eval.test_split))
-    write_results(workdir, {"retrieval": recall, "init_from": described,
-                            **({"videos": counts} if counts else {})},
-                  f"Retrieval on {config.input.dataset}")
+    write_results(workdir, {"retrieval": recall, "init_from": described},
+                  f"Retrieval on {config.input.dataset}", config)
   return recall
